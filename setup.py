@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="upstream_compressed",
+    version="0.1.0",
+    description="Compressed Transformer speech upstreams (HuBERT, DistilHuBERT) for S3PRL/SUPERB",
+    packages=find_packages(include=["upstream_compressed", "upstream_compressed.*"]),
+    package_data={"upstream_compressed": ["corpus/*.txt"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchaudio==2.11.0",
+        "s3prl==0.4.18",
+        "pyyaml",
+        "soundfile",
+        "editdistance",
+        "safetensors",
+        "tqdm",
+        # imported by S3PRL's PR/SID paths but not declared by s3prl itself
+        "tensorboardX",
+        "librosa",
+        "joblib",
+        "huggingface_hub<1.0",
+        "transformers<5",
+    ],
+    extras_require={"dev": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "upstream-compressed=upstream_compressed.cli:main",
+            "run_downstream.py=upstream_compressed.run_downstream:main",
+        ]
+    },
+)
