@@ -1,0 +1,117 @@
+"""Structure as data: everything that shapes a :class:`SpeechTransformer`.
+
+A base model and every compressed variant of it are described by one :class:`ModelConfig`.
+Compression changes the numbers in it (heads per layer, FFN width, ranks), never the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# The two families of hidden-state layout that S3PRL's upstreams produce.
+HUBERT = "hubert"  # [encoder input] + layer outputs (last one after the final LayerNorm if pre-LN)
+DISTILLER = "distiller"  # [projected features] + layer outputs + prediction-head outputs
+KINDS = (HUBERT, DISTILLER)
+
+# Linear layers of one encoder layer that may be factorised or sparsified.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@dataclass
+class LayerConfig:
+    """One encoder layer: how many attention heads, how wide the FFN, which Linears are low-rank."""
+
+    num_heads: int
+    ffn_dim: int
+    ranks: dict[str, int] = field(default_factory=dict)  # Linear name -> rank of its B·A factors
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 0 or self.ffn_dim < 0:
+            raise ValueError(f"negative size in layer config {self}")
+        unknown = set(self.ranks) - set(LINEAR_NAMES)
+        if unknown:
+            raise ValueError(f"unknown Linear names {sorted(unknown)}; known: {LINEAR_NAMES}")
+
+
+@dataclass
+class ModelConfig:
+    """The whole network. ``kind`` picks the hidden-state layout and padding rule of S3PRL's upstream."""
+
+    kind: str
+    embed_dim: int
+    head_dim: int
+    layers: list[LayerConfig]
+    conv_layers: list[tuple[int, int, int]]  # (channels, kernel, stride) per front-end conv
+    extractor_mode: str = "default"  # "default": GroupNorm on the first conv; "layer_norm": LN on every conv
+    conv_bias: bool = False
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    layer_norm_first: bool = False
+    feature_layer_norm: bool = True  # LayerNorm on the conv features (HuBERT has it, DistilHuBERT not)
+    normalize_waveform: bool = False  # per-utterance layer norm of the waveform (HuBERT Large)
+    activation: str = "gelu"
+    # Training-time regularisation (inactive in eval mode, which is how upstreams run).
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    # DistilHuBERT prediction heads: which teacher layers the heads predict (empty: no heads).
+    pred_layer_id: list[int] = field(default_factory=list)
+    pred_inter_dim: int = 0
+    pred_out_dim: int = 0
+
+    def __post_init__(self) -> None:
+        self.layers = [
+            layer if isinstance(layer, LayerConfig) else LayerConfig(**layer) for layer in self.layers
+        ]
+        self.conv_layers = [tuple(int(v) for v in layer) for layer in self.conv_layers]
+        self.pred_layer_id = [int(i) for i in self.pred_layer_id]
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown model kind {self.kind!r}; expected one of {KINDS}")
+        if self.extractor_mode not in ("default", "layer_norm"):
+            raise ValueError(f"unknown extractor_mode {self.extractor_mode!r}")
+        if self.activation != "gelu":
+            raise ValueError(f"only the gelu activation is supported, not {self.activation!r}")
+        if self.embed_dim <= 0 or self.head_dim <= 0 or not self.conv_layers:
+            raise ValueError("embed_dim, head_dim and conv_layers must be positive / non-empty")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def conv_dim(self) -> int:
+        return self.conv_layers[-1][0]
+
+    @property
+    def downsample_rate(self) -> int:
+        rate = 1
+        for _, _, stride in self.conv_layers:
+            rate *= stride
+        return rate
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples that the front end needs to produce one frame."""
+        field_, jump = 1, 1
+        for _, kernel, stride in self.conv_layers:
+            field_ += (kernel - 1) * jump
+            jump *= stride
+        return field_
+
+    @property
+    def num_hidden_states(self) -> int:
+        return self.num_layers + 1 + len(self.pred_layer_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["conv_layers"] = [list(layer) for layer in self.conv_layers]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,271 @@
+"""The building blocks of :class:`~upstream_compressed.model.transformer.SpeechTransformer`.
+
+Every block takes its sizes from the config, so a pruned block is just a block built with smaller
+numbers. Structural compression is done by methods that return a smaller module
+(:meth:`SelfAttention.keep_heads`, :meth:`FeedForward.keep_units`), never by masks hidden in forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ConvFeatureExtractor(nn.Module):
+    """wav2vec 2.0 / HuBERT convolutional front end: waveform (B, L) -> features (B, C, T).
+
+    In ``default`` mode only the first conv is normalised, by a per-channel GroupNorm over time
+    (padding included, as in S3PRL, which is why batched and single outputs differ).
+    """
+
+    def __init__(self, conv_layers: Sequence[tuple[int, int, int]], mode: str, bias: bool) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        in_channels = 1
+        for i, (channels, kernel, stride) in enumerate(conv_layers):
+            self.convs.append(nn.Conv1d(in_channels, channels, kernel, stride=stride, bias=bias))
+            if mode == "layer_norm":
+                self.norms.append(nn.LayerNorm(channels))
+            elif i == 0:
+                self.norms.append(nn.GroupNorm(channels, channels))
+            else:
+                self.norms.append(nn.Identity())
+            in_channels = channels
+
+    def forward(self, wav: Tensor) -> Tensor:
+        x = wav.unsqueeze(1)
+        for conv, norm in zip(self.convs, self.norms):
+            x = conv(x)
+            if isinstance(norm, nn.LayerNorm):
+                x = norm(x.transpose(1, 2)).transpose(1, 2)
+            else:
+                x = norm(x)
+            x = F.gelu(x)
+        return x
+
+
+class PositionalConv(nn.Module):
+    """Convolutional relative positional embedding, weight-normalised over the kernel axis.
+
+    The weight is kept as (``weight_g``, ``weight_v``) like the checkpoints store it, so converting
+    back to S3PRL's format is exact.
+    """
+
+    def __init__(self, dim: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.kernel, self.groups = kernel, groups
+        self.weight_g = nn.Parameter(torch.ones(1, 1, kernel))
+        self.weight_v = nn.Parameter(torch.randn(dim, dim // groups, kernel) * math.sqrt(4 / (kernel * dim)))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def weight(self) -> Tensor:
+        norm = self.weight_v.norm(dim=(0, 1), keepdim=True)
+        return self.weight_v * (self.weight_g / norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        y = F.conv1d(x.transpose(1, 2), self.weight(), self.bias, padding=self.kernel // 2, groups=self.groups)
+        if self.kernel % 2 == 0:  # an even kernel with padding k//2 yields one extra frame
+            y = y[:, :, :-1]
+        return F.gelu(y).transpose(1, 2)
+
+
+class LowRankLinear(nn.Module):
+    """A Linear W (out x in) replaced by ``up(down(x))``, i.e. W ~ B·A with B (out x r), A (r x in)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.up.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
+def make_linear(in_features: int, out_features: int, rank: int | None) -> nn.Module:
+    """A dense Linear, or a low-rank one when ``rank`` is given."""
+    if rank is None:
+        return nn.Linear(in_features, out_features)
+    return LowRankLinear(in_features, out_features, rank)
+
+
+def select_rows(linear: nn.Module, index: Tensor) -> nn.Module:
+    """Keep the output features ``index`` of a dense or low-rank Linear (a new, smaller module)."""
+    if isinstance(linear, LowRankLinear):
+        smaller = LowRankLinear(linear.in_features, len(index), linear.rank, bias=linear.up.bias is not None)
+        smaller.down.load_state_dict(linear.down.state_dict())
+        smaller.up = select_rows(linear.up, index)
+        return smaller
+    smaller = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[index])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias[index])
+    return smaller.to(linear.weight)
+
+
+def select_columns(linear: nn.Module, index: Tensor) -> nn.Module:
+    """Keep the input features ``index`` of a dense or low-rank Linear (a new, smaller module)."""
+    if isinstance(linear, LowRankLinear):
+        smaller = LowRankLinear(len(index), linear.out_features, linear.rank, bias=linear.up.bias is not None)
+        smaller.up.load_state_dict(linear.up.state_dict())
+        smaller.down = select_columns(linear.down, index)
+        return smaller
+    smaller = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        smaller.weight.copy_(linear.weight[:, index])
+        if linear.bias is not None:
+            smaller.bias.copy_(linear.bias)
+    return smaller.to(linear.weight)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention``.
+
+    Heads are independent slices of q/k/v rows and out_proj columns, so a layer may keep any
+    number of them, zero included (then the block adds only out_proj's bias).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        dropout: float = 0.0,
+        ranks: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        ranks = ranks or {}
+        self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
+        inner = num_heads * head_dim
+        self.q_proj = make_linear(embed_dim, inner, ranks.get("q_proj"))
+        self.k_proj = make_linear(embed_dim, inner, ranks.get("k_proj"))
+        self.v_proj = make_linear(embed_dim, inner, ranks.get("v_proj"))
+        self.out_proj = make_linear(inner, embed_dim, ranks.get("out_proj"))
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); padding_mask: (B, T), True on padded frames (never attended to)."""
+        batch, time, _ = x.shape
+        if self.num_heads == 0:
+            return self.out_proj.bias.expand(batch, time, -1)
+
+        def split_heads(t: Tensor) -> Tensor:
+            return t.view(batch, time, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        attend = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, time, self.num_heads * self.head_dim))
+
+    def keep_heads(self, heads: Sequence[int]) -> "SelfAttention":
+        """A new attention block with only ``heads`` (indices into this block's heads), in that order."""
+        heads = [int(h) for h in heads]
+        if any(h < 0 or h >= self.num_heads for h in heads) or len(set(heads)) != len(heads):
+            raise ValueError(f"head indices {heads} are not distinct indices below {self.num_heads}")
+        index = torch.tensor(
+            [h * self.head_dim + i for h in heads for i in range(self.head_dim)], dtype=torch.long
+        )
+        smaller = SelfAttention.__new__(SelfAttention)
+        nn.Module.__init__(smaller)
+        smaller.num_heads, smaller.head_dim, smaller.dropout = len(heads), self.head_dim, self.dropout
+        smaller.q_proj = select_rows(self.q_proj, index)
+        smaller.k_proj = select_rows(self.k_proj, index)
+        smaller.v_proj = select_rows(self.v_proj, index)
+        smaller.out_proj = select_columns(self.out_proj, index)
+        return smaller
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN ``fc2(dropout(gelu(fc1(x))))``; its hidden units can be pruned."""
+
+    def __init__(
+        self, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0, ranks: dict[str, int] | None = None
+    ) -> None:
+        super().__init__()
+        ranks = ranks or {}
+        self.fc1 = make_linear(embed_dim, ffn_dim, ranks.get("fc1"))
+        self.fc2 = make_linear(ffn_dim, embed_dim, ranks.get("fc2"))
+        self.activation_dropout = activation_dropout
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.fc1.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.ffn_dim == 0:
+            return self.fc2.bias.expand(*x.shape[:-1], -1)
+        hidden = F.dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)
+        return self.fc2(hidden)
+
+    def keep_units(self, units: Sequence[int]) -> "FeedForward":
+        """A new FFN with only the hidden ``units`` (fc1 rows, fc2 columns), in that order."""
+        index = torch.as_tensor([int(u) for u in units], dtype=torch.long)
+        if len(index) and (index.min() < 0 or index.max() >= self.ffn_dim or len(set(index.tolist())) != len(index)):
+            raise ValueError(f"unit indices are not distinct indices below {self.ffn_dim}")
+        smaller = FeedForward.__new__(FeedForward)
+        nn.Module.__init__(smaller)
+        smaller.activation_dropout = self.activation_dropout
+        smaller.fc1 = select_rows(self.fc1, index)
+        smaller.fc2 = select_columns(self.fc2, index)
+        return smaller
+
+
+class EncoderLayer(nn.Module):
+    """One Transformer layer, post-LayerNorm (HuBERT Base) or pre-LayerNorm (HuBERT Large)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        ffn_dim: int,
+        layer_norm_first: bool,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        ranks: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_norm_first, self.dropout = layer_norm_first, dropout
+        self.attention = SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks)
+        self.attention_norm = nn.LayerNorm(embed_dim)
+        self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks)
+        self.final_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        if self.layer_norm_first:
+            x = x + drop(self.attention(self.attention_norm(x), padding_mask))
+            return x + drop(self.feed_forward(self.final_norm(x)))
+        x = self.attention_norm(x + drop(self.attention(x, padding_mask)))
+        return self.final_norm(x + drop(self.feed_forward(x)))
+
+
+class PredictionHeads(nn.Module):
+    """DistilHuBERT's heads: one shared Linear + GELU, then one Linear per predicted teacher layer."""
+
+    def __init__(self, embed_dim: int, num_heads: int, inter_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.inter_dim = num_heads, inter_dim
+        self.shared = nn.Linear(embed_dim, inter_dim * num_heads)
+        bound = inter_dim**-0.5
+        self.weight = nn.Parameter(torch.empty(num_heads, inter_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_heads, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, T, D) -> one (B, T, out_dim) tensor per head."""
+        hidden = F.gelu(self.shared(x)).unflatten(-1, (self.num_heads, self.inter_dim))
+        out = torch.einsum("btni,nio->btno", hidden, self.weight) + self.bias
+        return list(out.unbind(dim=2))

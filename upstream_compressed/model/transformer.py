@@ -1,0 +1,128 @@
+"""SpeechTransformer: the one model class for base and compressed HuBERT / DistilHuBERT models."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import DISTILLER, HUBERT, LayerConfig, ModelConfig
+from .layers import ConvFeatureExtractor, EncoderLayer, PositionalConv, PredictionHeads
+
+
+class SpeechTransformer(nn.Module):
+    """Waveforms -> list of hidden states, laid out exactly like S3PRL's upstream for ``config.kind``.
+
+    ``hubert``: [encoder input] + outputs of layers 1..L-1 + encoder output (L+1 states).
+    ``distiller``: [projected conv features] + outputs of layers 1..L + prediction heads.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.feature_extractor = ConvFeatureExtractor(c.conv_layers, c.extractor_mode, c.conv_bias)
+        self.feature_norm = nn.LayerNorm(c.conv_dim) if c.feature_layer_norm else None
+        self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.conv_dim != c.embed_dim else None
+        self.positional_conv = PositionalConv(c.embed_dim, c.conv_pos, c.conv_pos_groups)
+        self.encoder_norm = nn.LayerNorm(c.embed_dim)
+        self.layers = nn.ModuleList(self._build_layer(layer) for layer in c.layers)
+        self.prediction_heads = (
+            PredictionHeads(c.embed_dim, len(c.pred_layer_id), c.pred_inter_dim, c.pred_out_dim)
+            if c.pred_layer_id
+            else None
+        )
+
+    def _build_layer(self, layer: LayerConfig) -> EncoderLayer:
+        c = self.config
+        return EncoderLayer(
+            c.embed_dim,
+            layer.num_heads,
+            c.head_dim,
+            layer.ffn_dim,
+            c.layer_norm_first,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+            activation_dropout=c.activation_dropout,
+            ranks=layer.ranks,
+        )
+
+    # ----------------------------------------------------------------------------------- padding
+    def frame_padding_mask(self, wav_lengths: Tensor, num_samples: int, num_frames: int) -> Tensor:
+        """(B, T) mask, True on padded frames, computed by the same rule as S3PRL's upstream."""
+        if self.config.kind == HUBERT:
+            # HuBERT folds the sample mask into T equal chunks; a frame is padding if its chunk is.
+            sample_pad = torch.arange(num_samples, device=wav_lengths.device)[None, :] >= wav_lengths[:, None]
+            usable = num_samples - num_samples % num_frames
+            return sample_pad[:, :usable].view(len(wav_lengths), num_frames, -1).all(-1)
+        # The distiller applies the conv length arithmetic.
+        lengths = wav_lengths.clone()
+        for _, kernel, stride in self.config.conv_layers:
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="trunc") + 1
+        return torch.arange(num_frames, device=wav_lengths.device)[None, :] >= lengths[:, None]
+
+    def normalize_waveforms(self, wav: Tensor, wav_lengths: Tensor) -> Tensor:
+        """Per-utterance zero mean / unit variance over the valid samples (HuBERT Large's ``normalize``)."""
+        valid = (torch.arange(wav.shape[1], device=wav.device)[None, :] < wav_lengths[:, None]).to(wav.dtype)
+        count = wav_lengths.to(wav.dtype)[:, None]
+        mean = (wav * valid).sum(1, keepdim=True) / count
+        var = ((wav - mean) ** 2 * valid).sum(1, keepdim=True) / count
+        return (wav - mean) / torch.sqrt(var + 1e-5) * valid
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, wav: Tensor, wav_lengths: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """wav: (B, L) zero-padded batch at 16 kHz; wav_lengths: (B,) valid samples.
+
+        Returns (hidden_states, padding_mask): a list of (B, T, D) tensors and the (B, T) frame mask.
+        Padded frames hold arbitrary values, as in S3PRL.
+        """
+        if wav_lengths is None:
+            wav_lengths = torch.full((wav.shape[0],), wav.shape[1], device=wav.device, dtype=torch.long)
+        if self.config.normalize_waveform:
+            wav = self.normalize_waveforms(wav, wav_lengths)
+        features = self.feature_extractor(wav).transpose(1, 2)
+        padding_mask = self.frame_padding_mask(wav_lengths, wav.shape[1], features.shape[1])
+        if self.feature_norm is not None:
+            features = self.feature_norm(features)
+        if self.feature_projection is not None:
+            features = self.feature_projection(features)
+
+        x = features.masked_fill(padding_mask[..., None], 0.0)
+        states: list[Tensor] = [x] if self.config.kind == DISTILLER else []
+        x = x + self.positional_conv(x)
+        if not self.config.layer_norm_first:
+            x = self.encoder_norm(x)
+        x = F.dropout(x, self.config.dropout, self.training)
+        for layer in self.layers:
+            if self.config.kind == HUBERT:
+                states.append(x)  # S3PRL's HuBERT reports the input of every layer...
+            x = layer(x, padding_mask)
+            if self.config.kind == DISTILLER:
+                states.append(x)  # ...the distiller the output of every layer.
+        if self.config.layer_norm_first:
+            x = self.encoder_norm(x)
+        if self.config.kind == HUBERT:
+            states.append(x)  # ...and HuBERT the encoder output last.
+        if self.prediction_heads is not None:
+            states.extend(self.prediction_heads(x))
+        return states, padding_mask
+
+    # ----------------------------------------------------------------------- structural changes
+    def keep_heads(self, layer: int, heads: Sequence[int]) -> None:
+        """Keep only ``heads`` of ``layer`` (the others are removed physically)."""
+        block = self.layers[layer]
+        block.attention = block.attention.keep_heads(heads)
+        self.config.layers[layer].num_heads = len(heads)
+
+    def keep_units(self, layer: int, units: Sequence[int]) -> None:
+        """Keep only the FFN hidden ``units`` of ``layer``."""
+        block = self.layers[layer]
+        block.feed_forward = block.feed_forward.keep_units(units)
+        self.config.layers[layer].ffn_dim = len(units)
+
+    # ------------------------------------------------------------------------------------ costs
+    def num_parameters(self, encoder_only: bool = False) -> int:
+        modules = list(self.layers) if encoder_only else [self]
+        return sum(p.numel() for m in modules for p in m.parameters())
