@@ -1,0 +1,51 @@
+"""Where base checkpoints come from: a local path, or a name S3PRL knows how to download."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .model.config import DISTILLER, HUBERT
+
+# S3PRL's own download locations for the bases we support by name (converted formats, no fairseq).
+KNOWN_BASES = {
+    "hubert_base": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",
+    "hubert_large_ll60k": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_large_ll60k.pt",
+    "distilhubert_base": "https://huggingface.co/leo19941227/distilhubert/resolve/main/distilhubert_ls960_4-8-12.ckpt",
+}
+KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
+
+# The upstream-name prefix of each model kind.
+FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert"}
+
+
+def download_known_base(name: str, refresh: bool = False) -> Path:
+    """Download (or find in S3PRL's cache) a known base by S3PRL's own download path; needs network."""
+    from . import s3prl_compat
+
+    s3prl_compat.apply()
+    from s3prl.util.download import _urls_to_filepaths
+
+    try:
+        return Path(_urls_to_filepaths(KNOWN_BASES[name], refresh=refresh))
+    except Exception as error:  # network errors come in many types
+        raise FileNotFoundError(
+            f"could not download base {name!r} from {KNOWN_BASES[name]} ({error}); without network, "
+            "download it elsewhere and pass its local path instead"
+        ) from error
+
+
+def resolve_base(spec: str, relative_to: str | os.PathLike | None = None, refresh: bool = False) -> Path:
+    """A base given as a path (relative to ``relative_to``) or a known name -> a local file."""
+    path = Path(os.path.expanduser(spec))
+    if not path.is_absolute() and relative_to is not None:
+        candidate = Path(relative_to) / path
+        if candidate.exists():
+            path = candidate
+    if path.is_file():
+        return path.resolve()
+    if spec in KNOWN_BASES:
+        return download_known_base(spec, refresh)
+    raise FileNotFoundError(
+        f"base {spec!r} is neither an existing file nor a known name ({', '.join(sorted(KNOWN_BASES))})"
+    )

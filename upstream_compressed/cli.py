@@ -1,0 +1,106 @@
+"""``upstream-compressed``: compress a base by a recipe, and inspect the delta it writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .delta import DeltaError
+
+DESCRIPTION = """\
+Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
+
+  upstream-compressed compress RECIPE.yaml -o OUT.safetensors
+  upstream-compressed inspect OUT.safetensors [--json]
+
+The delta then runs as an S3PRL upstream:
+  run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
+"""
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .compress import run_recipe
+    from .delta import write_delta
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    delta = run_recipe(recipe, refresh=args.refresh)
+    path = write_delta(delta, args.output)
+    params = delta.manifest["params"]
+    print(
+        f"wrote {path}: technique {delta.technique}, {params['compressed']:,} parameters "
+        f"(base {params['base']:,}), {len(delta.tensors)} tensors stored"
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .delta import read_delta
+
+    delta = read_delta(args.delta)
+    manifest = delta.manifest
+    summary = {
+        "technique": manifest["technique"],
+        "base": manifest["base"],
+        "steps": manifest["recipe"].get("steps", []),
+        "params_base": manifest["params"]["base"],
+        "params": manifest["params"]["compressed"],
+        "structure": manifest["structure"],
+        "config": manifest["config"],
+        "stored_tensors": sorted(delta.tensors),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    base = manifest["base"]
+    print(f"delta      {args.delta}")
+    print(f"technique  {summary['technique']}")
+    print(f"base       {base['name']} ({base['family']}, sha256 {base['sha256'][:16]}...)")
+    print(f"params     {summary['params']:,} (base {summary['params_base']:,}, "
+          f"{summary['params'] / summary['params_base']:.1%})")
+    print(f"steps      {len(summary['steps'])}")
+    for i, step in enumerate(summary["steps"]):
+        print(f"  {i}: {step}")
+    print("layers     source  heads  ffn   ranks")
+    for origin, layer in zip(manifest["structure"]["layers"], manifest["config"]["layers"]):
+        print(f"           {origin['source_layer']:>6}  {layer['num_heads']:>5}  {layer['ffn_dim']:>4}  {layer['ranks'] or '-'}")
+    print(f"stored     {len(delta.tensors)} tensors")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compress = commands.add_parser("compress", help="run a recipe on its base and write a delta")
+    compress.add_argument("recipe", help="YAML recipe: `base:` (path or known name) and `steps:`")
+    compress.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
+    compress.add_argument("--refresh", action="store_true", help="download a known base again")
+    compress.set_defaults(run=_compress)
+
+    inspect = commands.add_parser("inspect", help="print a delta's manifest: base, steps, structure, params")
+    inspect.add_argument("delta", help="a .safetensors delta")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .model.convert import CheckpointError
+    from .recipe import RecipeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (DeltaError, RecipeError, CheckpointError, FileNotFoundError) as error:
+        print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The checkpoint delta: what a compressed model changes relative to its base checkpoint.
+
+A delta is one safetensors file (no pickle: reading it cannot run code). Its metadata holds a JSON
+manifest: format version, base identity (name, path, sha256), recipe, the resulting model config,
+the structure (which base layer / heads / FFN units each layer keeps) and parameter counts.
+Its tensors are only those that differ from the base after slicing by that structure.
+
+Loading = read base, verify its sha256, slice by the kept indices, overwrite with the delta tensors.
+Every problem is reported as one :class:`DeltaError` whose message names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .model import ModelConfig, SpeechTransformer
+from .model.convert import CheckpointError, Converted, load_base
+
+FORMAT_NAME = "upstream_compressed.delta"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "upstream_compressed.manifest"
+MANIFEST_DIGEST_KEY = "upstream_compressed.manifest_sha256"
+
+
+class DeltaError(Exception):
+    """A delta (or its base) that cannot be loaded; the message says what is wrong and what to do."""
+
+
+# ------------------------------------------------------------------------------------ structure
+@dataclass
+class LayerOrigin:
+    """Where a layer of the compressed model comes from in the base: which layer, heads and units."""
+
+    source_layer: int
+    kept_heads: list[int] | None = None  # None: all of the source layer's heads, in order
+    kept_units: list[int] | None = None  # None: all FFN units
+
+
+@dataclass
+class Structure:
+    """Per compressed layer, its origin in the base. Composes over repeated pruning steps."""
+
+    layers: list[LayerOrigin] = field(default_factory=list)
+
+    @classmethod
+    def identity(cls, config: ModelConfig) -> "Structure":
+        return cls([LayerOrigin(i) for i in range(config.num_layers)])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Structure":
+        return cls([LayerOrigin(**layer) for layer in data["layers"]])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def keep_heads(self, layer: int, heads: Sequence[int], base_heads: int) -> None:
+        current = self.layers[layer].kept_heads or list(range(base_heads))
+        self.layers[layer].kept_heads = [current[h] for h in heads]
+
+    def keep_units(self, layer: int, units: Sequence[int], base_units: int) -> None:
+        current = self.layers[layer].kept_units or list(range(base_units))
+        self.layers[layer].kept_units = [current[u] for u in units]
+
+
+def slice_base(base: Converted, structure: Structure) -> dict[str, Tensor]:
+    """The base's tensors after applying ``structure``: what a delta is stored relative to."""
+    model = SpeechTransformer(_copy_config(base.config))
+    model.load_state_dict(base.state_dict)
+    sources = [origin.source_layer for origin in structure.layers]
+    if any(not 0 <= s < base.config.num_layers for s in sources):
+        raise DeltaError(f"structure names base layers {sources}, but the base has {base.config.num_layers}")
+    model.layers = torch.nn.ModuleList(model.layers[s] for s in sources)
+    model.config.layers = [_copy_config(base.config).layers[s] for s in sources]
+    for i, origin in enumerate(structure.layers):
+        try:
+            if origin.kept_heads is not None:
+                model.keep_heads(i, origin.kept_heads)
+            if origin.kept_units is not None:
+                model.keep_units(i, origin.kept_units)
+        except ValueError as error:
+            raise DeltaError(f"structure of layer {i} does not fit the base: {error}") from error
+    return model.state_dict()
+
+
+def _copy_config(config: ModelConfig) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+
+
+# ---------------------------------------------------------------------------------------- files
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(list(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Delta:
+    """A delta in memory: its manifest and its tensors."""
+
+    manifest: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["config"])
+
+    @property
+    def structure(self) -> Structure:
+        return Structure.from_dict(self.manifest["structure"])
+
+    @property
+    def technique(self) -> str:
+        return self.manifest["technique"]
+
+    @property
+    def base_family(self) -> str:
+        return self.manifest["base"]["family"]
+
+
+def make_delta(
+    base: Converted,
+    base_identity: dict[str, Any],
+    model: SpeechTransformer,
+    structure: Structure,
+    recipe: dict[str, Any],
+    technique: str,
+    extra: dict[str, Any] | None = None,
+) -> Delta:
+    """Describe ``model`` relative to ``base``: keep only the tensors that slicing the base does not give."""
+    reference = slice_base(base, structure)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        ref = reference.get(name)
+        if ref is None or ref.shape != tensor.shape or not torch.equal(ref, tensor.detach().cpu()):
+            tensors[name] = tensor.detach().cpu().contiguous()
+    base_model = SpeechTransformer(_copy_config(base.config))
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "base": base_identity,
+        "recipe": recipe,
+        "technique": technique,
+        "config": model.config.to_dict(),
+        "structure": structure.to_dict(),
+        "params": {"base": base_model.num_parameters(), "compressed": model.num_parameters()},
+        "tensors_sha256": _tensor_digest(tensors),
+        **(extra or {}),
+    }
+    return Delta(manifest, tensors)
+
+
+def write_delta(delta: Delta, path: str | os.PathLike) -> Path:
+    """Write ``delta`` atomically as safetensors with the manifest in its metadata."""
+    from safetensors.torch import save
+
+    manifest_json = json.dumps(delta.manifest, sort_keys=True)
+    metadata = {
+        MANIFEST_KEY: manifest_json,
+        MANIFEST_DIGEST_KEY: hashlib.sha256(manifest_json.encode()).hexdigest(),
+    }
+    atomic_write_bytes(path, save(delta.tensors, metadata=metadata))
+    return Path(path)
+
+
+def read_delta(path: str | os.PathLike) -> Delta:
+    """Read and verify a delta file (manifest digest, format version, tensor digest)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaError(f"delta file {path} does not exist; pass the .safetensors written by "
+                         "`upstream-compressed compress` as -k")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise DeltaError(f"{path} is not a readable safetensors delta (truncated or corrupted?): {error}") from error
+    if MANIFEST_KEY not in metadata:
+        raise DeltaError(f"{path} is a safetensors file but not an upstream_compressed delta (no manifest)")
+    manifest_json = metadata[MANIFEST_KEY]
+    if hashlib.sha256(manifest_json.encode()).hexdigest() != metadata.get(MANIFEST_DIGEST_KEY):
+        raise DeltaError(f"{path}: the manifest does not match its checksum; the file is corrupted")
+    try:
+        manifest = json.loads(manifest_json)
+    except json.JSONDecodeError as error:
+        raise DeltaError(f"{path}: the manifest is not valid JSON: {error}") from error
+    if manifest.get("format") != FORMAT_NAME:
+        raise DeltaError(f"{path}: unknown format {manifest.get('format')!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DeltaError(
+            f"{path}: delta format version {version} is not supported by this upstream_compressed "
+            f"(it reads version {FORMAT_VERSION}); upgrade the package or re-create the delta"
+        )
+    if _tensor_digest(tensors) != manifest.get("tensors_sha256"):
+        raise DeltaError(f"{path}: tensor data does not match the manifest's checksum; the file is corrupted")
+    missing = {"base", "config", "structure", "technique"} - set(manifest)
+    if missing:
+        raise DeltaError(f"{path}: manifest lacks {sorted(missing)}")
+    return Delta(manifest, tensors)
+
+
+# ---------------------------------------------------------------------------------- application
+def check_base(delta: Delta, base_path: str | os.PathLike) -> None:
+    """Refuse a base file that is missing or is not the one the delta was made from."""
+    base_path = Path(base_path)
+    expected = delta.manifest["base"].get("sha256")
+    if not base_path.is_file():
+        raise DeltaError(
+            f"base checkpoint {base_path} not found; the delta was made from "
+            f"{delta.manifest['base'].get('name')!r}. Pass its path with -g (yaml `base: PATH`) or "
+            "UPSTREAM_COMPRESSED_BASE"
+        )
+    actual = sha256_file(base_path)
+    if actual != expected:
+        raise DeltaError(
+            f"base checkpoint {base_path} has sha256 {actual[:16]}..., but the delta was made from a base "
+            f"with sha256 {str(expected)[:16]}... ({delta.manifest['base'].get('name')!r}); wrong base file"
+        )
+
+
+def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
+    """Build the compressed model: slice the base by the structure, then overwrite with the delta tensors."""
+    try:
+        config = delta.config
+        structure = delta.structure
+    except (TypeError, ValueError, KeyError) as error:
+        raise DeltaError(f"the delta's config/structure is invalid: {error}") from error
+    if len(structure.layers) != config.num_layers:
+        raise DeltaError(f"structure has {len(structure.layers)} layers but the config {config.num_layers}")
+    reference = slice_base(base, structure)
+    model = SpeechTransformer(config)
+    target = model.state_dict()
+    unknown = set(delta.tensors) - set(target)
+    if unknown:
+        raise DeltaError(f"delta tensors {sorted(unknown)[:5]} do not exist in the model its config describes")
+    state = {}
+    for name, expected in target.items():
+        tensor = delta.tensors.get(name, reference.get(name))
+        if tensor is None:
+            raise DeltaError(f"tensor {name} is neither in the delta nor derivable from the base")
+        if tensor.shape != expected.shape:
+            where = "delta" if name in delta.tensors else "sliced base"
+            raise DeltaError(
+                f"tensor {name} from the {where} has shape {tuple(tensor.shape)}, but the structure "
+                f"needs {tuple(expected.shape)}"
+            )
+        state[name] = tensor
+    model.load_state_dict(state)
+    return model
+
+
+def build_compressed(delta: Delta, base_path: str | os.PathLike) -> SpeechTransformer:
+    """Verify ``base_path`` is the delta's base and build the compressed model from both."""
+    check_base(delta, base_path)
+    try:
+        base = load_base(base_path)
+    except CheckpointError as error:
+        raise DeltaError(str(error)) from error
+    return apply_delta(delta, base)
+
+
+def load_compressed(delta_path: str | os.PathLike, base_path: str | os.PathLike) -> tuple[SpeechTransformer, Delta]:
+    """Read a delta, verify its base file, and build the compressed model."""
+    delta = read_delta(delta_path)
+    return build_compressed(delta, base_path), delta

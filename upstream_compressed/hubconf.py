@@ -1,0 +1,115 @@
+"""The upstream entry functions that :func:`upstream_compressed.register` adds to ``s3prl.hub``.
+
+Each is called by S3PRL's runner as ``fn(ckpt=<-k>, model_config=<-g>, refresh=<-r>)``. ``ckpt`` is a
+delta file; its base checkpoint is found, in this order, from: the ``-g`` options yaml
+(``base: PATH``), the ``UPSTREAM_COMPRESSED_BASE`` environment variable, the path recorded in the
+delta, a file of the recorded name beside the delta, and finally S3PRL's own download of a known
+base name (needs network).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .bases import KNOWN_BASES, download_known_base
+from .delta import Delta, DeltaError, build_compressed, read_delta
+from .expert import UpstreamExpert
+
+BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
+FAMILIES = ("hubert", "distilhubert")
+# Techniques with a named entry per family (any other delta loads through ``compressed_local``).
+TECHNIQUES = (
+    "identity",
+    "weightpruned",
+    "headpruned",
+    "rowpruned",
+    "lowrank",
+    "kd",
+    "kd_head_lr",
+    "kd_head",
+    "kd_lr",
+    "kd_head_row",
+    "kd_head_row_lr",
+    "head_row",
+    "head_lr",
+    "row_lr",
+    "head_row_lr",
+)
+
+
+def _options(model_config: str | None) -> dict:
+    if not model_config:
+        return {}
+    path = Path(model_config)
+    if not path.is_file():
+        raise DeltaError(f"upstream options file (-g) {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise DeltaError(f"upstream options file (-g) {path} must be a YAML mapping, e.g. `base: /path/to/base.pt`")
+    return data
+
+
+def find_base(delta: Delta, delta_path: Path, model_config: str | None, refresh: bool) -> Path:
+    """The local base checkpoint for ``delta`` (see the module docstring for the search order)."""
+    explicit = _options(model_config).get("base") or os.environ.get(BASE_ENV)
+    if explicit:
+        return Path(explicit).expanduser()
+    recorded = delta.manifest["base"]
+    for candidate in (recorded.get("path"), delta_path.parent / str(recorded.get("file_name", ""))):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    name = recorded.get("name")
+    if name in KNOWN_BASES:
+        return download_known_base(name, refresh)
+    raise DeltaError(
+        f"cannot find the base checkpoint of {delta_path} (recorded as {recorded.get('path')}); "
+        f"pass it with -g OPTIONS.yaml containing `base: PATH`, or set {BASE_ENV}=PATH"
+    )
+
+
+def load_upstream(
+    ckpt: str, model_config: str | None = None, refresh: bool = False, family: str | None = None,
+    technique: str | None = None,
+) -> UpstreamExpert:
+    """Build the upstream for a delta, checking that it is what the entry name promises."""
+    if not ckpt:
+        raise DeltaError("no delta given: pass the .safetensors file written by `upstream-compressed compress` as -k")
+    delta_path = Path(ckpt)
+    delta = read_delta(delta_path)
+    if family is not None and delta.base_family != family:
+        raise DeltaError(
+            f"{delta_path} compresses a {delta.base_family} base, but the upstream {family}_{technique} "
+            f"expects {family}; use -u {delta.base_family}_{delta.technique} or compressed_local"
+        )
+    if technique is not None and delta.technique != technique:
+        raise DeltaError(
+            f"{delta_path} was made by technique {delta.technique!r}, but the upstream name says "
+            f"{technique!r}; use -u {delta.base_family}_{delta.technique} or compressed_local"
+        )
+    base_path = find_base(delta, delta_path, model_config, refresh)
+    model = build_compressed(delta, base_path)
+    return UpstreamExpert(model.eval(), delta.manifest)
+
+
+def compressed_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
+    """Any delta written by ``upstream-compressed compress`` (no check of its technique)."""
+    return load_upstream(ckpt, model_config, refresh)
+
+
+def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:
+    def entry(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
+        return load_upstream(ckpt, model_config, refresh, family=family, technique=technique)
+
+    entry.__name__ = f"{family}_{technique}"
+    entry.__doc__ = f"A {family} base compressed by {technique}; -k is its delta file."
+    return entry
+
+
+def entries() -> dict[str, Callable[..., UpstreamExpert]]:
+    """Every upstream entry of this plugin, by name."""
+    named = {f"{f}_{t}": _named_entry(f, t) for f in FAMILIES for t in TECHNIQUES}
+    return {**named, "compressed_local": compressed_local}

@@ -1,0 +1,105 @@
+"""Compression recipes: a YAML file that names a base and an ordered list of steps.
+
+```yaml
+base: /path/to/hubert_base_ls960.pt   # or a known name: hubert_base, distilhubert_base
+steps: []                             # no step: the identity delta
+```
+Recipes are validated completely before any work starts; errors name the field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+# Short names used to build technique names such as ``kd_head_lr``.
+SHORT_NAMES = {
+    "distillation": "kd",
+    "head_pruning": "head",
+    "row_pruning": "row",
+    "low_rank": "lr",
+    "weight_pruning": "wp",
+}
+# A single technique reads better spelled out: ``hubert_headpruned``.
+SINGLE_NAMES = {
+    "distillation": "kd",
+    "head_pruning": "headpruned",
+    "row_pruning": "rowpruned",
+    "low_rank": "lowrank",
+    "weight_pruning": "weightpruned",
+}
+IDENTITY = "identity"
+
+# method -> validator(step, where) raising RecipeError; filled in by the compression modules.
+STEP_VALIDATORS: dict[str, Callable[[dict[str, Any], str], None]] = {}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the field."""
+
+
+@dataclass
+class Recipe:
+    base: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    source: Path | None = None  # the file it was read from; relative base paths resolve against it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "steps": self.steps}
+
+
+def technique_name(steps: list[dict[str, Any]]) -> str:
+    """``identity``, a single technique (``headpruned``) or a combination (``kd_head_lr``).
+
+    Repeating a method (an iterative schedule) does not change the name.
+    """
+    methods: list[str] = []
+    for step in steps:
+        if not methods or methods[-1] != step["method"]:
+            methods.append(step["method"])
+    if not methods:
+        return IDENTITY
+    if len(set(methods)) == 1:
+        return SINGLE_NAMES[methods[0]]
+    return "_".join(SHORT_NAMES[m] for m in methods)
+
+
+def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
+    where = f"recipe {source}" if source else "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping with `base` and `steps`, got {type(data).__name__}")
+    unknown = set(data) - {"base", "steps"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown top-level field(s) {sorted(unknown)}; expected `base` and `steps`")
+    base = data.get("base")
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"{where}: field `base` is missing; give a checkpoint path or a known name")
+    steps = data.get("steps") or []
+    if not isinstance(steps, list):
+        raise RecipeError(f"{where}: field `steps` must be a list")
+    for i, step in enumerate(steps):
+        here = f"{where}: steps[{i}]"
+        if not isinstance(step, dict) or "method" not in step:
+            raise RecipeError(f"{here}: each step needs a `method` field")
+        method = step["method"]
+        if method not in SHORT_NAMES:
+            raise RecipeError(f"{here}.method: unknown method {method!r}; known: {sorted(SHORT_NAMES)}")
+        if method not in STEP_VALIDATORS:
+            raise RecipeError(f"{here}.method: {method!r} is not implemented in this version yet")
+        STEP_VALIDATORS[method](step, here)
+    return Recipe(base=base, steps=steps, source=Path(source) if source else None)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {error}") from error
+    return parse_recipe(data, path)
