@@ -11,6 +11,7 @@ Every problem is reported as one :class:`DeltaError` whose message names it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -73,13 +74,13 @@ class Structure:
 
 def slice_base(base: Converted, structure: Structure) -> dict[str, Tensor]:
     """The base's tensors after applying ``structure``: what a delta is stored relative to."""
-    model = SpeechTransformer(_copy_config(base.config))
+    model = SpeechTransformer(base.config)
     model.load_state_dict(base.state_dict)
     sources = [origin.source_layer for origin in structure.layers]
     if any(not 0 <= s < base.config.num_layers for s in sources):
         raise DeltaError(f"structure names base layers {sources}, but the base has {base.config.num_layers}")
     model.layers = torch.nn.ModuleList(model.layers[s] for s in sources)
-    model.config.layers = [_copy_config(base.config).layers[s] for s in sources]
+    model.config.layers = [copy.deepcopy(base.config.layers[s]) for s in sources]
     for i, origin in enumerate(structure.layers):
         try:
             if origin.kept_heads is not None:
@@ -89,10 +90,6 @@ def slice_base(base: Converted, structure: Structure) -> dict[str, Tensor]:
         except ValueError as error:
             raise DeltaError(f"structure of layer {i} does not fit the base: {error}") from error
     return model.state_dict()
-
-
-def _copy_config(config: ModelConfig) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
 
 
 # ---------------------------------------------------------------------------------------- files
@@ -171,7 +168,7 @@ def make_delta(
         ref = reference.get(name)
         if ref is None or ref.shape != tensor.shape or not torch.equal(ref, tensor.detach().cpu()):
             tensors[name] = tensor.detach().cpu().contiguous()
-    base_model = SpeechTransformer(_copy_config(base.config))
+    base_model = SpeechTransformer(base.config)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -6,13 +6,12 @@ Each technique lives in its own module here and registers a validator in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 from ..bases import FAMILY_OF_KIND, resolve_base
 from ..delta import Delta, Structure, make_delta, sha256_file
-from ..model import ModelConfig, SpeechTransformer
+from ..model import SpeechTransformer
 from ..model.convert import Converted, load_base
 from ..recipe import Recipe, technique_name
 
@@ -38,7 +37,7 @@ def run_recipe(recipe: Recipe, refresh: bool = False) -> Delta:
     relative_to = recipe.source.parent if recipe.source else None
     base_path = resolve_base(recipe.base, relative_to=relative_to, refresh=refresh)
     base = load_base(base_path)
-    model = SpeechTransformer(ModelConfig.from_dict(json.loads(json.dumps(base.config.to_dict()))))
+    model = SpeechTransformer(base.config)
     model.load_state_dict(base.state_dict)
     model.eval()
     structure = Structure.identity(base.config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -21,8 +22,8 @@ class SpeechTransformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
-        c = config
+        self.config = copy.deepcopy(config)  # structural changes edit it; never alias the caller's
+        c = self.config
         self.feature_extractor = ConvFeatureExtractor(c.conv_layers, c.extractor_mode, c.conv_bias)
         self.feature_norm = nn.LayerNorm(c.conv_dim) if c.feature_layer_norm else None
         self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.conv_dim != c.embed_dim else None
