@@ -69,6 +69,8 @@ def technique_name(steps: list[dict[str, Any]]) -> str:
 
 
 def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
+    from . import compress  # noqa: F401  (registers every technique's validator)
+
     where = f"recipe {source}" if source else "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping with `base` and `steps`, got {type(data).__name__}")

@@ -51,3 +51,7 @@ def run_recipe(recipe: Recipe, refresh: bool = False) -> Delta:
         recipe.to_dict(),
         technique_name(recipe.steps),
     )
+
+
+# Importing the technique modules registers their steps and validators.
+from . import head_pruning, low_rank, row_pruning  # noqa: E402,F401

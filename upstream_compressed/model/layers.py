@@ -92,6 +92,27 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
+def effective_weight(linear: nn.Module) -> Tensor:
+    """The (out x in) matrix a dense or low-rank Linear applies."""
+    if isinstance(linear, LowRankLinear):
+        return linear.up.weight @ linear.down.weight
+    return linear.weight
+
+
+def factorize(linear: nn.Module, rank: int) -> LowRankLinear:
+    """Truncated SVD of a Linear: the best rank-``rank`` approximation, its singular values split evenly."""
+    weight = effective_weight(linear).detach().float()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    factored = LowRankLinear(weight.shape[1], weight.shape[0], rank, bias=linear.bias is not None)
+    with torch.no_grad():
+        factored.up.weight.copy_(u[:, :rank] * root)
+        factored.down.weight.copy_(root[:, None] * vh[:rank])
+        if linear.bias is not None:
+            factored.up.bias.copy_(linear.bias)
+    return factored.to(device=weight.device, dtype=effective_weight(linear).dtype)
+
+
 def make_linear(in_features: int, out_features: int, rank: int | None) -> nn.Module:
     """A dense Linear, or a low-rank one when ``rank`` is given."""
     if rank is None:

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import DISTILLER, HUBERT, LayerConfig, ModelConfig
-from .layers import ConvFeatureExtractor, EncoderLayer, PositionalConv, PredictionHeads
+from .layers import ConvFeatureExtractor, EncoderLayer, LowRankLinear, PositionalConv, PredictionHeads
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 class SpeechTransformer(nn.Module):
@@ -122,6 +124,24 @@ class SpeechTransformer(nn.Module):
         block = self.layers[layer]
         block.feed_forward = block.feed_forward.keep_units(units)
         self.config.layers[layer].ffn_dim = len(units)
+
+    def linear(self, layer: int, name: str) -> nn.Module:
+        """The Linear ``name`` (q_proj, k_proj, v_proj, out_proj, fc1, fc2) of ``layer``."""
+        block = self.layers[layer]
+        return getattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name)
+
+    def replace_linear(self, layer: int, name: str, module: nn.Module) -> None:
+        """Put ``module`` (dense or low-rank, same in/out sizes) in place of a Linear; the config follows."""
+        old = self.linear(layer, name)
+        if (module.in_features, module.out_features) != (old.in_features, old.out_features):
+            raise ValueError(f"layer {layer} {name}: replacement changes the Linear's shape")
+        block = self.layers[layer]
+        setattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name, module)
+        ranks = self.config.layers[layer].ranks
+        if isinstance(module, LowRankLinear):
+            ranks[name] = module.rank
+        else:
+            ranks.pop(name, None)
 
     # ------------------------------------------------------------------------------------ costs
     def num_parameters(self, encoder_only: bool = False) -> int:

@@ -1,0 +1,123 @@
+"""register() adds every entry to s3prl.hub; named entries check the delta; bad audio is refused clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import upstream_compressed
+from upstream_compressed.cli import main as cli_main
+from upstream_compressed.delta import DeltaError
+from upstream_compressed.hubconf import BASE_ENV
+
+from helpers import max_valid_difference
+
+
+def identity_delta(tmp_path, ckpt):
+    recipe = tmp_path / "identity.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(ckpt), "steps": []}))
+    out = tmp_path / "identity.safetensors"
+    assert cli_main(["compress", str(recipe), "-o", str(out)]) == 0
+    return out
+
+
+def test_importing_the_package_is_cheap():
+    code = "import sys, upstream_compressed; print('s3prl' in sys.modules, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_register_adds_every_entry_to_the_hub(s3prl_hub):
+    names = upstream_compressed.register()
+    for expected in ("hubert_identity", "distilhubert_identity", "hubert_headpruned", "hubert_kd_head_lr",
+                     "distilhubert_lowrank", "hubert_weightpruned", "compressed_local"):
+        assert expected in names
+    assert all(callable(getattr(s3prl_hub, name)) for name in names)
+
+
+@pytest.mark.parametrize("family,reference", [("hubert", "hubert_local"), ("distilhubert", "distiller_local")])
+def test_identity_upstream_equals_s3prl_upstream(tmp_path, s3prl_hub, padded_batch, hubert_ckpt, distiller_ckpt,
+                                                 family, reference):
+    ckpt = hubert_ckpt if family == "hubert" else distiller_ckpt
+    delta = identity_delta(tmp_path, ckpt)
+    ours = getattr(s3prl_hub, f"{family}_identity")(ckpt=str(delta), model_config=None, refresh=False)
+    theirs = getattr(s3prl_hub, reference)(ckpt=str(ckpt)).eval()
+    assert ours.get_downsample_rates("hidden_states") == 320
+    with torch.no_grad():
+        result = ours(padded_batch)
+        expected = theirs([w.clone() for w in padded_batch])["hidden_states"]
+    padding = ~result["pad_mask"]
+    assert len(result["hidden_states"]) == len(expected)
+    for a, b in zip(result["hidden_states"], expected):
+        assert max_valid_difference(a, b, padding) < 1e-5
+    frames = result["hidden_states"][0].shape[1]
+    assert abs(frames - round(16000 / 320)) <= 5
+
+
+def test_named_entry_refuses_a_delta_of_another_technique_or_family(tmp_path, s3prl_hub, hubert_ckpt):
+    delta = identity_delta(tmp_path, hubert_ckpt)
+    with pytest.raises(DeltaError, match="technique 'identity'.*headpruned"):
+        s3prl_hub.hubert_headpruned(ckpt=str(delta))
+    with pytest.raises(DeltaError, match="compresses a hubert base"):
+        s3prl_hub.distilhubert_identity(ckpt=str(delta))
+    assert s3prl_hub.compressed_local(ckpt=str(delta)) is not None
+
+
+def test_base_is_found_from_options_env_or_beside_the_delta(tmp_path, s3prl_hub, hubert_ckpt, monkeypatch):
+    delta = identity_delta(tmp_path, hubert_ckpt)
+    moved = tmp_path / "elsewhere" / "base.pt"
+    moved.parent.mkdir()
+    hubert_ckpt_bytes = hubert_ckpt.read_bytes()
+    moved.write_bytes(hubert_ckpt_bytes)
+    # The recorded path still exists: it is used.
+    assert s3prl_hub.hubert_identity(ckpt=str(delta)) is not None
+    # -g options yaml names another copy.
+    options = tmp_path / "options.yaml"
+    options.write_text(yaml.safe_dump({"base": str(moved)}))
+    assert s3prl_hub.hubert_identity(ckpt=str(delta), model_config=str(options)) is not None
+    # The environment variable, pointing at a wrong file, is refused by sha256.
+    wrong = tmp_path / "wrong.pt"
+    wrong.write_bytes(hubert_ckpt_bytes + b"x")
+    monkeypatch.setenv(BASE_ENV, str(wrong))
+    with pytest.raises(DeltaError, match="sha256"):
+        s3prl_hub.hubert_identity(ckpt=str(delta))
+
+
+def test_recorded_base_gone_falls_back_to_a_file_beside_the_delta(tmp_path, s3prl_hub):
+    from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
+
+    base = make_hubert_checkpoint(tmp_path / "work" / "base.pt")
+    delta = identity_delta(tmp_path, base)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "base.pt").write_bytes(base.read_bytes())
+    (shipped / "d.safetensors").write_bytes(delta.read_bytes())
+    base.unlink()
+    assert s3prl_hub.hubert_identity(ckpt=str(shipped / "d.safetensors")) is not None
+    (shipped / "base.pt").unlink()
+    with pytest.raises(DeltaError, match="cannot find the base"):
+        s3prl_hub.hubert_identity(ckpt=str(shipped / "d.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "wavs,message",
+    [
+        ([], "empty list"),
+        (torch.zeros(16000), "list of 1-D"),
+        ([torch.zeros(0)], "0 samples"),
+        ([torch.zeros(399)], "at least 400"),
+        ([torch.zeros(2, 16000)], "1-D mono"),
+        ([torch.zeros(16000, dtype=torch.int16)], "integer dtype"),
+        ([torch.full((16000,), float("nan"))], "NaN"),
+        ([torch.zeros(16000), torch.tensor([float("inf")] * 800)], "waveform 1 contains NaN or infinite"),
+    ],
+)
+def test_bad_audio_is_refused_with_a_clear_error(tmp_path, s3prl_hub, hubert_ckpt, wavs, message):
+    upstream = s3prl_hub.compressed_local(ckpt=str(identity_delta(tmp_path, hubert_ckpt)))
+    with pytest.raises(ValueError, match=message):
+        upstream(wavs)
+    upstream([torch.zeros(400)])  # the shortest valid input works

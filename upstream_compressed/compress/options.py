@@ -1,0 +1,57 @@
+"""Validation of a step's options: every error names the field, before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..recipe import RecipeError
+
+
+def check_keys(step: dict[str, Any], where: str, allowed: Iterable[str]) -> None:
+    unknown = set(step) - set(allowed) - {"method"}
+    if unknown:
+        raise RecipeError(f"{where}: unknown option(s) {sorted(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
+
+
+def check_choice(step: dict[str, Any], where: str, name: str, choices: Iterable[str], default: str) -> str:
+    value = step.get(name, default)
+    if value not in choices:
+        raise RecipeError(f"{where}.{name}: {value!r} is not one of {sorted(choices)}")
+    return value
+
+
+def check_fraction(step: dict[str, Any], where: str, name: str, low: float, high: float, *,
+                   include_high: bool, required: bool = True, meaning: str = "") -> float | None:
+    if name not in step:
+        if required:
+            raise RecipeError(f"{where}.{name} is missing ({meaning})")
+        return None
+    value = step[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"{where}.{name}: expected a number, got {value!r}")
+    inside = low <= value <= high if include_high else low <= value < high
+    if not inside:
+        bracket = "]" if include_high else ")"
+        raise RecipeError(f"{where}.{name}: {value} is outside [{low}, {high}{bracket} ({meaning})")
+    return float(value)
+
+
+def check_positive_int(step: dict[str, Any], where: str, name: str, default: int) -> int:
+    value = step.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RecipeError(f"{where}.{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def check_layers(step: dict[str, Any], where: str) -> list[int] | None:
+    layers = step.get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise RecipeError(f"{where}.layers: expected a list of layer indices (0-based), got {layers!r}")
+    return layers
+
+
+def check_audio(step: dict[str, Any], where: str, needed: bool) -> None:
+    if needed and not isinstance(step.get("audio"), str):
+        raise RecipeError(f"{where}.audio: the data_driven criterion needs `audio: DIR` (a directory of .wav/.flac)")
