@@ -74,8 +74,7 @@ class Structure:
 
 def slice_base(base: Converted, structure: Structure) -> dict[str, Tensor]:
     """The base's tensors after applying ``structure``: what a delta is stored relative to."""
-    model = SpeechTransformer(base.config)
-    model.load_state_dict(base.state_dict)
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict, share=True)
     sources = [origin.source_layer for origin in structure.layers]
     if any(not 0 <= s < base.config.num_layers for s in sources):
         raise DeltaError(f"structure names base layers {sources}, but the base has {base.config.num_layers}")
@@ -168,7 +167,6 @@ def make_delta(
         ref = reference.get(name)
         if ref is None or ref.shape != tensor.shape or not torch.equal(ref, tensor.detach().cpu()):
             tensors[name] = tensor.detach().cpu().contiguous()
-    base_model = SpeechTransformer(base.config)
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -177,7 +175,7 @@ def make_delta(
         "technique": technique,
         "config": model.config.to_dict(),
         "structure": structure.to_dict(),
-        "params": {"base": base_model.num_parameters(), "compressed": model.num_parameters()},
+        "params": {"base": sum(t.numel() for t in base.state_dict.values()), "compressed": model.num_parameters()},
         "tensors_sha256": _tensor_digest(tensors),
         **(extra or {}),
     }
@@ -265,8 +263,8 @@ def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
     if len(structure.layers) != config.num_layers:
         raise DeltaError(f"structure has {len(structure.layers)} layers but the config {config.num_layers}")
     reference = slice_base(base, structure)
-    model = SpeechTransformer(config)
-    target = model.state_dict()
+    with torch.device("meta"):
+        target = SpeechTransformer(config).state_dict()
     unknown = set(delta.tensors) - set(target)
     if unknown:
         raise DeltaError(f"delta tensors {sorted(unknown)[:5]} do not exist in the model its config describes")
@@ -282,8 +280,7 @@ def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
                 f"needs {tuple(expected.shape)}"
             )
         state[name] = tensor
-    model.load_state_dict(state)
-    return model
+    return SpeechTransformer.from_state_dict(config, state)
 
 
 def build_compressed(delta: Delta, base_path: str | os.PathLike) -> SpeechTransformer:

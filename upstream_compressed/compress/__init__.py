@@ -37,8 +37,7 @@ def run_recipe(recipe: Recipe, refresh: bool = False) -> Delta:
     relative_to = recipe.source.parent if recipe.source else None
     base_path = resolve_base(recipe.base, relative_to=relative_to, refresh=refresh)
     base = load_base(base_path)
-    model = SpeechTransformer(base.config)
-    model.load_state_dict(base.state_dict)
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
     model.eval()
     structure = Structure.identity(base.config)
     for step in recipe.steps:

@@ -59,7 +59,8 @@ def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
 
 
 def rank_for_energy(weight: torch.Tensor, energy: float) -> int:
-    squares = torch.linalg.svdvals(weight.detach().float()) ** 2
+    w = weight.detach().double()
+    squares = torch.linalg.eigvalsh(w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T).clamp_min(0).flip(0)
     cumulative = torch.cumsum(squares, 0) / squares.sum().clamp_min(1e-30)
     return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12)).item()) + 1
 

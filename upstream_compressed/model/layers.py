@@ -99,18 +99,37 @@ def effective_weight(linear: nn.Module) -> Tensor:
     return linear.weight
 
 
+def top_singular_subspace(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U_r, s_r, V_r) of ``weight``'s top ``rank`` singular triplets, in float64.
+
+    Computed from the eigendecomposition of the smaller Gram matrix: exact to float64 precision for
+    the singular values that matter, and several times faster on CPU than a full SVD.
+    """
+    w = weight.detach().double()
+    tall = w.shape[0] >= w.shape[1]
+    gram = w.T @ w if tall else w @ w.T
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    values = eigenvalues.flip(0)[:rank].clamp_min(0)
+    vectors = eigenvectors.flip(1)[:, :rank]
+    singular = values.sqrt()
+    inverse = torch.where(singular > 0, 1 / singular, torch.zeros_like(singular))
+    if tall:  # vectors are right singular vectors V; U = W V / s
+        return (w @ vectors) * inverse, singular, vectors
+    return vectors, singular, (w.T @ vectors) * inverse
+
+
 def factorize(linear: nn.Module, rank: int) -> LowRankLinear:
-    """Truncated SVD of a Linear: the best rank-``rank`` approximation, its singular values split evenly."""
-    weight = effective_weight(linear).detach().float()
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    root = s[:rank].sqrt()
+    """The best rank-``rank`` approximation (truncated SVD), its singular values split evenly over B and A."""
+    weight = effective_weight(linear).detach()
+    u, s, v = top_singular_subspace(weight, rank)
+    root = s.sqrt()
     factored = LowRankLinear(weight.shape[1], weight.shape[0], rank, bias=linear.bias is not None)
     with torch.no_grad():
-        factored.up.weight.copy_(u[:, :rank] * root)
-        factored.down.weight.copy_(root[:, None] * vh[:rank])
+        factored.up.weight.copy_(u * root)
+        factored.down.weight.copy_((v * root).T)
         if linear.bias is not None:
             factored.up.bias.copy_(linear.bias)
-    return factored.to(device=weight.device, dtype=effective_weight(linear).dtype)
+    return factored.to(device=weight.device, dtype=weight.dtype)
 
 
 def make_linear(in_features: int, out_features: int, rank: int | None) -> nn.Module:

@@ -38,6 +38,23 @@ class SpeechTransformer(nn.Module):
             else None
         )
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, Tensor], share: bool = False) -> "SpeechTransformer":
+        """Build a model and load ``state_dict`` without paying for a random initialisation first.
+
+        ``share=True`` makes the model use the given tensors themselves (no copy): only for models
+        that are read, never trained, since training would change the caller's tensors.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        if share:
+            model.load_state_dict(state_dict, assign=True)
+            return model
+        device = next(iter(state_dict.values())).device if state_dict else torch.device("cpu")
+        model = model.to_empty(device=device)
+        model.load_state_dict(state_dict)
+        return model
+
     def _build_layer(self, layer: LayerConfig) -> EncoderLayer:
         c = self.config
         return EncoderLayer(
