@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +29,14 @@ def _compress(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    delta = run_recipe(recipe, refresh=args.refresh)
+    work_dir = Path(args.work_dir or f"{args.output}.work")
+    delta = run_recipe(recipe, refresh=args.refresh, work_dir=work_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one process writes
+    if not is_main:
+        return 0
     path = write_delta(delta, args.output)
+    if not args.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
     params = delta.manifest["params"]
     print(
         f"wrote {path}: technique {delta.technique}, {params['compressed']:,} parameters "
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("recipe", help="YAML recipe: `base:` (path or known name) and `steps:`")
     compress.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
     compress.add_argument("--refresh", action="store_true", help="download a known base again")
+    compress.add_argument("--work-dir", help="where recovery training keeps checkpoints so a killed run resumes "
+                          "(default: OUTPUT.work; removed after success)")
+    compress.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     compress.set_defaults(run=_compress)
 
     inspect = commands.add_parser("inspect", help="print a delta's manifest: base, steps, structure, params")

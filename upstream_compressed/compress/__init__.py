@@ -6,14 +6,21 @@ Each technique lives in its own module here and registers a validator in
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..bases import FAMILY_OF_KIND, resolve_base
 from ..delta import Delta, Structure, make_delta, sha256_file
-from ..model import SpeechTransformer
+from ..model import ModelConfig, SpeechTransformer
 from ..model.convert import Converted, load_base
-from ..recipe import Recipe, technique_name
+from ..recipe import Recipe, RecipeError, technique_name
+from ..train.distill import TrainOptions, save_checkpoint, train_distillation
 
 # method -> step(model, structure, step_options, base) -> (model, structure)
 StepFunction = Callable[[SpeechTransformer, Structure, dict[str, Any], Converted], tuple[SpeechTransformer, Structure]]
@@ -32,24 +39,68 @@ def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
     }
 
 
-def run_recipe(recipe: Recipe, refresh: bool = False) -> Delta:
-    """Apply every step of ``recipe`` to its base and return the delta."""
+def _snapshot_key(base_sha: str, steps: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps({"base": base_sha, "steps": steps}, sort_keys=True).encode()).hexdigest()
+
+
+def _restore_snapshot(work_dir: Path, base_sha: str, steps: list[dict[str, Any]]):
+    """The latest finished step whose snapshot matches this base and these steps, if any."""
+    for i in reversed(range(len(steps))):
+        path = work_dir / f"after-step-{i}.pt"
+        if path.is_file():
+            snapshot = torch.load(path, map_location="cpu", weights_only=True)
+            if snapshot["key"] == _snapshot_key(base_sha, steps[: i + 1]):
+                model = SpeechTransformer.from_state_dict(ModelConfig.from_dict(snapshot["config"]), snapshot["state_dict"])
+                return i, model, Structure.from_dict(snapshot["structure"])
+    return None
+
+
+def _recover(model: SpeechTransformer, base: Converted, options: dict[str, Any], checkpoint: Path, label: str) -> None:
+    """Recovery training: distil the uncompressed base into the compressed model (no labels)."""
+    teacher = SpeechTransformer.from_state_dict(base.config, base.state_dict)
+    train_distillation(model, teacher, TrainOptions.from_dict(options), checkpoint, description=label)
+    model.cpu().eval()
+
+
+def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | None = None) -> Delta:
+    """Apply every step of ``recipe`` to its base and return the delta.
+
+    With ``work_dir``, recovery training checkpoints and a snapshot after every step with recovery
+    are kept there, so a killed run started again with the same recipe continues where it stopped.
+    """
     relative_to = recipe.source.parent if recipe.source else None
     base_path = resolve_base(recipe.base, relative_to=relative_to, refresh=refresh)
     base = load_base(base_path)
-    model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    model.eval()
-    structure = Structure.identity(base.config)
-    for step in recipe.steps:
-        model, structure = STEPS[step["method"]](model, structure, step, base)
-    return make_delta(
-        base,
-        base_identity(recipe.base, base_path, base),
-        model,
-        structure,
-        recipe.to_dict(),
-        technique_name(recipe.steps),
-    )
+    identity = base_identity(recipe.base, base_path, base)
+    for i, step in enumerate(recipe.steps):  # layer indices can only be checked against the base
+        layers = step.get("layers") or []
+        if any(layer >= base.config.num_layers for layer in layers):
+            raise RecipeError(f"steps[{i}].layers: {layers} names a layer beyond the base's {base.config.num_layers}")
+
+    with tempfile.TemporaryDirectory(prefix="upstream_compressed_") as scratch:
+        work = Path(work_dir) if work_dir is not None else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        first, restored = 0, _restore_snapshot(work, identity["sha256"], recipe.steps)
+        if restored is not None:
+            done, model, structure = restored
+            first = done + 1
+            print(f"resuming after step {done} from {work}", file=sys.stderr)
+        else:
+            model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
+            structure = Structure.identity(base.config)
+        for i in range(first, len(recipe.steps)):
+            step = recipe.steps[i]
+            options = {k: v for k, v in step.items() if k != "recovery"}
+            model, structure = STEPS[step["method"]](model, structure, options, base)
+            if "recovery" in step:
+                _recover(model, base, step["recovery"], work / f"step-{i}-training.pt", f"step {i} recovery")
+                if work_dir is not None:
+                    save_checkpoint(work / f"after-step-{i}.pt", {
+                        "key": _snapshot_key(identity["sha256"], recipe.steps[: i + 1]),
+                        "config": model.config.to_dict(), "state_dict": model.state_dict(),
+                        "structure": structure.to_dict(),
+                    })
+    return make_delta(base, identity, model, structure, recipe.to_dict(), technique_name(recipe.steps))
 
 
 # Importing the technique modules registers their steps and validators.

@@ -20,7 +20,7 @@ from ..model.convert import Converted
 from ..model.layers import effective_weight, factorize
 from ..recipe import STEP_VALIDATORS, RecipeError
 from . import STEPS
-from .options import check_fraction, check_keys, check_layers
+from .options import check_recovery, check_fraction, check_keys, check_layers
 
 GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "ffn": ("fc1", "fc2")}
 
@@ -35,6 +35,7 @@ def target_names(step: dict[str, Any]) -> list[str]:
 
 
 def validate(step: dict[str, Any], where: str) -> None:
+    check_recovery(step, where)
     check_keys(step, where, ("ratio", "energy", "targets", "layers"))
     if ("ratio" in step) == ("energy" in step):
         raise RecipeError(f"{where}: give exactly one of `ratio` (parameters removed) or `energy` (kept)")

@@ -8,7 +8,7 @@ from ..recipe import RecipeError
 
 
 def check_keys(step: dict[str, Any], where: str, allowed: Iterable[str]) -> None:
-    unknown = set(step) - set(allowed) - {"method"}
+    unknown = set(step) - set(allowed) - {"method", "recovery"}
     if unknown:
         raise RecipeError(f"{where}: unknown option(s) {sorted(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
 
@@ -55,3 +55,24 @@ def check_layers(step: dict[str, Any], where: str) -> list[int] | None:
 def check_audio(step: dict[str, Any], where: str, needed: bool) -> None:
     if needed and not isinstance(step.get("audio"), str):
         raise RecipeError(f"{where}.audio: the data_driven criterion needs `audio: DIR` (a directory of .wav/.flac)")
+
+
+def check_recovery(step: dict[str, Any], where: str) -> None:
+    """``recovery:`` (optional on any step): distillation from the uncompressed base after the step."""
+    if "recovery" not in step:
+        return
+    from ..train.distill import TrainOptions
+
+    recovery = step["recovery"]
+    if not isinstance(recovery, dict) or not isinstance(recovery.get("audio"), str):
+        raise RecipeError(f"{where}.recovery: expected a mapping with at least `audio: DIR` (and e.g. `steps: 200`)")
+    try:
+        options = TrainOptions.from_dict(recovery)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{where}.recovery: {error}") from error
+    for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise RecipeError(f"{where}.recovery.{name}: expected a positive integer, got {value!r}")
+    if not (isinstance(options.lr, (int, float)) and options.lr > 0):
+        raise RecipeError(f"{where}.recovery.lr: expected a positive number, got {options.lr!r}")

@@ -19,11 +19,12 @@ from ..recipe import STEP_VALIDATORS
 from . import STEPS
 from .head_pruning import CRITERIA, DATA_OPTIONS, SELECTIONS
 from .importance import data_driven_scores
-from .options import check_audio, check_choice, check_fraction, check_keys, check_layers, check_positive_int
+from .options import check_recovery, check_audio, check_choice, check_fraction, check_keys, check_layers, check_positive_int
 from .selection import keep_global, keep_per_layer, random_scores
 
 
 def validate(step: dict[str, Any], where: str) -> None:
+    check_recovery(step, where)
     check_keys(step, where, ("ratio", "criterion", "selection", "layers", "seed", *DATA_OPTIONS))
     check_fraction(step, where, "ratio", 0.0, 1.0, include_high=False,
                    meaning="the fraction of FFN units removed; 1.0 would remove every unit")

@@ -1,0 +1,66 @@
+"""Distillation training: a killed run resumes to the same weights; torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+WORKER = Path(__file__).parent / "workers" / "distill_run.py"
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("train_audio")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        t = np.arange(int(16000 * (0.8 + 0.15 * i))) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (100 + 30 * i) * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
+        soundfile.write(directory / f"u{i}.flac", wav.astype(np.float32), 16000)
+    return directory
+
+
+def run_worker(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(WORKER), *map(str, args)], capture_output=True, text=True,
+                          env=environment, check=check, timeout=600)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, hubert_ckpt, audio_dir):
+    steps = 8
+    run_worker(hubert_ckpt, audio_dir, tmp_path / "straight.pt", tmp_path / "straight", steps)
+    straight = torch.load(tmp_path / "straight.rank0", weights_only=True)
+
+    killed = run_worker(hubert_ckpt, audio_dir, tmp_path / "resumed.pt", tmp_path / "resumed", steps, 5, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "resumed.pt").is_file()  # the checkpoint of step 4 survived the kill
+    run_worker(hubert_ckpt, audio_dir, tmp_path / "resumed.pt", tmp_path / "resumed", steps)
+    resumed = torch.load(tmp_path / "resumed.rank0", weights_only=True)
+
+    assert resumed["resumed_from"] == 4
+    assert len(resumed["history"]) == steps
+    assert resumed["history"] == pytest.approx(straight["history"], abs=1e-6)
+    for name, tensor in straight["state"].items():
+        assert torch.allclose(resumed["state"][name], tensor, atol=1e-6), name
+    assert straight["history"][-1] < straight["history"][0]  # and it learned something
+
+
+def test_torchrun_two_cpu_processes(tmp_path, hubert_ckpt, audio_dir):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(hubert_ckpt), str(audio_dir), str(tmp_path / "ddp.pt"), str(tmp_path / "ddp"), "4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "ddp.rank0", weights_only=True)
+    rank1 = torch.load(tmp_path / "ddp.rank1", weights_only=True)
+    assert len(rank0["history"]) == 4
+    for name, tensor in rank0["state"].items():  # DDP keeps the replicas identical
+        assert torch.equal(rank1["state"][name], tensor), name
+    checkpoint = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2

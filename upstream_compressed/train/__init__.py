@@ -1,0 +1,1 @@
+"""Training by distillation from a teacher (recovery after compression, DistilHuBERT students)."""

@@ -1,0 +1,257 @@
+"""Distillation training: a student learns to reproduce a teacher's hidden states, with no labels.
+
+The loss per (student state, teacher state) pair is DistilHuBERT's: L1 plus a cosine term
+``-log sigmoid(cos)``, over valid frames. Used for recovery after compression (teacher = the
+uncompressed model) and for training distilled students.
+
+Production concerns live here too: a progress bar, checkpoints written atomically every K steps,
+``resume`` after a kill that continues to the same weights (the batches depend only on the step,
+and the RNG state is saved), gradient accumulation, AMP on GPU, and DistributedDataParallel when
+launched by ``torchrun`` (each process takes its own slice of every step's batches).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ..delta import atomic_write_bytes
+from ..model import SpeechTransformer
+from .data import AudioBatches
+
+
+@dataclass
+class TrainOptions:
+    """What a recipe's ``recovery:`` (or a distillation step) may set."""
+
+    audio: str
+    steps: int = 200
+    batch_size: int = 4
+    max_seconds: float = 4.0
+    lr: float = 2e-4
+    warmup_steps: int | None = None  # default: 10% of steps
+    weight_decay: float = 0.0
+    grad_accumulation: int = 1
+    clip_norm: float = 10.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    cosine_weight: float = 1.0
+    pairs: list[list[int]] | None = None  # [[student_state, teacher_state], ...]; default: all, one to one
+    freeze_front_end: bool = False
+    amp: bool = True  # autocast on CUDA only
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def distillation_loss(
+    student: list[Tensor], teacher: list[Tensor], pairs: list[list[int]], padding_mask: Tensor, cosine_weight: float
+) -> Tensor:
+    """Sum over pairs of mean L1 + cosine_weight * mean(-log sigmoid(cos)) over valid frames."""
+    valid = ~padding_mask
+    total = student[0].new_zeros(())
+    for s, t in pairs:
+        prediction, target = student[s][valid].float(), teacher[t][valid].float()
+        l1 = (prediction - target).abs().mean()
+        cosine = -F.logsigmoid(F.cosine_similarity(prediction, target, dim=-1)).mean()
+        total = total + l1 + cosine_weight * cosine
+    return total
+
+
+# ------------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    resumed_from: int
+    seconds: float
+    history: list[float] = field(default_factory=list)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def train_distillation(
+    student: SpeechTransformer,
+    teacher: SpeechTransformer,
+    options: TrainOptions,
+    checkpoint_path: str | os.PathLike,
+    description: str = "distilling",
+    stop_after: Callable[[int], bool] | None = None,
+) -> TrainResult:
+    """Train ``student`` in place to match ``teacher``; resumes from ``checkpoint_path`` if it exists.
+
+    ``stop_after(step)`` (tests) ends the run early after that step's checkpoint logic.
+    """
+    started = time.perf_counter()
+    checkpoint_path = Path(checkpoint_path)
+    device = pick_device(options.device)
+    dist = init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    student.to(device).train()
+    teacher.to(device).eval().requires_grad_(False)
+    if options.freeze_front_end:
+        student.feature_extractor.requires_grad_(False)
+
+    pairs = options.pairs
+    if pairs is None:
+        if student.config.num_hidden_states != teacher.config.num_hidden_states:
+            raise ValueError(
+                f"student has {student.config.num_hidden_states} hidden states and the teacher "
+                f"{teacher.config.num_hidden_states}: give `pairs: [[student, teacher], ...]`"
+            )
+        pairs = [[i, i] for i in range(student.config.num_hidden_states)]
+    for s, t in pairs:
+        if not (0 <= s < student.config.num_hidden_states and 0 <= t < teacher.config.num_hidden_states):
+            raise ValueError(f"pair {[s, t]} names a hidden state that does not exist")
+
+    data = AudioBatches(options.audio, options.batch_size, options.max_seconds, options.seed)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    warmup = options.warmup_steps if options.warmup_steps is not None else max(1, options.steps // 10)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, options.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    start_step, history = 0, []
+    torch.manual_seed(options.seed + dist.rank)
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["options"] != asdict(options):
+            raise ValueError(
+                f"{checkpoint_path} was written with other training options; delete it to start afresh"
+            )
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, history = state["step"], list(state["history"])
+        _set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"], device)
+
+    model: torch.nn.Module = student
+    if dist.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    use_amp = options.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    progress = tqdm(total=options.steps, initial=start_step, desc=description, unit="step",
+                    disable=not dist.main, dynamic_ncols=True)
+    loss_value = float("nan")
+    for step in range(start_step, options.steps):
+        step_start = time.perf_counter()
+        utterances = 0
+        loss_value = 0.0
+        for micro in range(options.grad_accumulation):
+            batch = data.batch(step * options.grad_accumulation + micro, dist.rank, dist.world_size)
+            wavs, lengths = batch.wavs.to(device), batch.lengths.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with torch.no_grad():
+                    target, _ = teacher(wavs, lengths)
+                states, padding_mask = model(wavs, lengths)
+                loss = distillation_loss(states, target, pairs, padding_mask, options.cosine_weight)
+            scaler.scale(loss / options.grad_accumulation).backward()
+            loss_value += loss.item() / options.grad_accumulation
+            utterances += len(lengths)
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, options.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        history.append(loss_value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}",
+                             utt_per_s=f"{utterances * dist.world_size / (time.perf_counter() - step_start):.1f}")
+
+        done = step + 1
+        if done % options.checkpoint_every == 0 or done == options.steps:
+            rng = _rng_state(device)
+            if dist.world_size > 1:
+                gathered: list[Any] = [None] * dist.world_size
+                torch_dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng.items()})
+                rng = gathered
+            if dist.main:
+                save_checkpoint(checkpoint_path, {
+                    "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": done, "history": history,
+                    "rng": rng, "options": asdict(options),
+                })
+            if dist.world_size > 1:
+                torch_dist.barrier()
+        if stop_after is not None and stop_after(done):
+            break
+    progress.close()
+    student.eval()
+    return TrainResult(len(history), loss_value, start_step, time.perf_counter() - started, history)
