@@ -56,6 +56,9 @@ def _inspect(args: argparse.Namespace) -> int:
         "steps": manifest["recipe"].get("steps", []),
         "params_base": manifest["params"]["base"],
         "params": manifest["params"]["compressed"],
+        "macs_base": manifest.get("macs", {}).get("base"),
+        "macs": manifest.get("macs", {}).get("compressed"),
+        "macs_seconds_of_audio": manifest.get("macs", {}).get("seconds"),
         "structure": manifest["structure"],
         "config": manifest["config"],
         "stored_tensors": sorted(delta.tensors),
@@ -69,6 +72,9 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"base       {base['name']} ({base['family']}, sha256 {base['sha256'][:16]}...)")
     print(f"params     {summary['params']:,} (base {summary['params_base']:,}, "
           f"{summary['params'] / summary['params_base']:.1%})")
+    if summary["macs"]:
+        print(f"MACs       {summary['macs'] / 1e9:.2f} G per {summary['macs_seconds_of_audio']:g} s of audio "
+              f"(base {summary['macs_base'] / 1e9:.2f} G, {summary['macs'] / summary['macs_base']:.1%})")
     print(f"steps      {len(summary['steps'])}")
     for i, step in enumerate(summary["steps"]):
         print(f"  {i}: {step}")

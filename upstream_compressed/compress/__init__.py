@@ -20,11 +20,13 @@ from ..delta import Delta, Structure, make_delta, sha256_file
 from ..model import ModelConfig, SpeechTransformer
 from ..model.convert import Converted, load_base
 from ..recipe import Recipe, RecipeError, technique_name
+from ..profile import count_macs
 from ..train.distill import TrainOptions, save_checkpoint, train_distillation
 
 # method -> step(model, structure, step_options, base) -> (model, structure)
 StepFunction = Callable[[SpeechTransformer, Structure, dict[str, Any], Converted], tuple[SpeechTransformer, Structure]]
 STEPS: dict[str, StepFunction] = {}
+MAC_SECONDS = 10.0  # MACs in manifests are for this much audio
 
 
 def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
@@ -100,7 +102,9 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
                         "config": model.config.to_dict(), "state_dict": model.state_dict(),
                         "structure": structure.to_dict(),
                     })
-    return make_delta(base, identity, model, structure, recipe.to_dict(), technique_name(recipe.steps))
+    base_model = SpeechTransformer.from_state_dict(base.config, base.state_dict, share=True)
+    macs = {"seconds": MAC_SECONDS, "base": count_macs(base_model, MAC_SECONDS), "compressed": count_macs(model, MAC_SECONDS)}
+    return make_delta(base, identity, model, structure, recipe.to_dict(), technique_name(recipe.steps), {"macs": macs})
 
 
 # Importing the technique modules registers their steps and validators.
