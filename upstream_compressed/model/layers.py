@@ -196,8 +196,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, T, D); padding_mask: (B, T), True on padded frames (never attended to)."""
         batch, time, _ = x.shape
-        if self.num_heads == 0:
-            return self.out_proj.bias.expand(batch, time, -1)
+        if self.num_heads == 0:  # a fresh tensor, not a view of the bias (autograd hooks need one)
+            return x.new_zeros(batch, time, self.out_proj.out_features) + self.out_proj.bias
 
         def split_heads(t: Tensor) -> Tensor:
             return t.view(batch, time, self.num_heads, self.head_dim).transpose(1, 2)
@@ -245,7 +245,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.ffn_dim == 0:
-            return self.fc2.bias.expand(*x.shape[:-1], -1)
+            return x.new_zeros(*x.shape[:-1], self.fc2.out_features) + self.fc2.bias
         hidden = F.dropout(F.gelu(self.fc1(x)), self.activation_dropout, self.training)
         return self.fc2(hidden)
 
