@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +24,22 @@ from ..recipe import Recipe, RecipeError, technique_name
 from ..profile import count_macs
 from ..train.distill import TrainOptions, save_checkpoint, train_distillation
 
-# method -> step(model, structure, step_options, base) -> (model, structure)
-StepFunction = Callable[[SpeechTransformer, Structure, dict[str, Any], Converted], tuple[SpeechTransformer, Structure]]
+@dataclass
+class StepContext:
+    """What a step may need besides the model: the base, and where to keep training checkpoints."""
+
+    base: Converted
+    work_dir: Path
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index}"
+
+
+# method -> step(model, structure, step_options, context) -> (model, structure)
+StepFunction = Callable[[SpeechTransformer, Structure, dict[str, Any], StepContext], tuple[SpeechTransformer, Structure]]
+EXPENSIVE_METHODS = {"distillation"}  # steps that train: snapshot after them so a rerun resumes
 STEPS: dict[str, StepFunction] = {}
 MAC_SECONDS = 10.0  # MACs in manifests are for this much audio
 
@@ -93,19 +108,19 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
         for i in range(first, len(recipe.steps)):
             step = recipe.steps[i]
             options = {k: v for k, v in step.items() if k != "recovery"}
-            model, structure = STEPS[step["method"]](model, structure, options, base)
+            model, structure = STEPS[step["method"]](model, structure, options, StepContext(base, work, i))
             if "recovery" in step:
                 _recover(model, base, step["recovery"], work / f"step-{i}-training.pt", f"step {i} recovery")
-                if work_dir is not None:
-                    save_checkpoint(work / f"after-step-{i}.pt", {
-                        "key": _snapshot_key(identity["sha256"], recipe.steps[: i + 1]),
-                        "config": model.config.to_dict(), "state_dict": model.state_dict(),
-                        "structure": structure.to_dict(),
-                    })
+            if ("recovery" in step or step["method"] in EXPENSIVE_METHODS) and work_dir is not None:
+                save_checkpoint(work / f"after-step-{i}.pt", {
+                    "key": _snapshot_key(identity["sha256"], recipe.steps[: i + 1]),
+                    "config": model.config.to_dict(), "state_dict": model.state_dict(),
+                    "structure": structure.to_dict(),
+                })
     base_model = SpeechTransformer.from_state_dict(base.config, base.state_dict, share=True)
     macs = {"seconds": MAC_SECONDS, "base": count_macs(base_model, MAC_SECONDS), "compressed": count_macs(model, MAC_SECONDS)}
     return make_delta(base, identity, model, structure, recipe.to_dict(), technique_name(recipe.steps), {"macs": macs})
 
 
 # Importing the technique modules registers their steps and validators.
-from . import head_pruning, low_rank, row_pruning  # noqa: E402,F401
+from . import distillation, head_pruning, low_rank, row_pruning  # noqa: E402,F401

@@ -14,10 +14,9 @@ from torch import Tensor
 
 from ..delta import Structure
 from ..model import SpeechTransformer
-from ..model.convert import Converted
 from ..model.layers import effective_weight
 from ..recipe import STEP_VALIDATORS
-from . import STEPS
+from . import STEPS, StepContext
 from .importance import data_driven_scores
 from .options import check_recovery, check_audio, check_choice, check_fraction, check_keys, check_layers, check_positive_int
 from .selection import keep_global, keep_per_layer, random_scores
@@ -62,7 +61,7 @@ def head_scores(model: SpeechTransformer, step: dict[str, Any]) -> list[Tensor]:
 
 
 def prune_heads(
-    model: SpeechTransformer, structure: Structure, step: dict[str, Any], base: Converted
+    model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
     scores = head_scores(model, step)
     layers = step.get("layers")
@@ -76,7 +75,7 @@ def prune_heads(
     for i, heads in enumerate(kept):
         if len(heads) != model.config.layers[i].num_heads:
             model.keep_heads(i, heads)
-            structure.keep_heads(i, heads, base.config.layers[structure.layers[i].source_layer].num_heads)
+            structure.keep_heads(i, heads, context.base.config.layers[structure.layers[i].source_layer].num_heads)
     return model, structure
 
 

@@ -16,10 +16,9 @@ import torch
 
 from ..delta import Structure
 from ..model import LINEAR_NAMES, SpeechTransformer
-from ..model.convert import Converted
 from ..model.layers import effective_weight, factorize
 from ..recipe import STEP_VALIDATORS, RecipeError
-from . import STEPS
+from . import STEPS, StepContext
 from .options import check_recovery, check_fraction, check_keys, check_layers
 
 GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "ffn": ("fc1", "fc2")}
@@ -71,7 +70,7 @@ def saves_parameters(out_features: int, in_features: int, rank: int) -> bool:
 
 
 def factorize_linears(
-    model: SpeechTransformer, structure: Structure, step: dict[str, Any], base: Converted
+    model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
     layers = step.get("layers") or range(model.config.num_layers)
     for i in layers:

@@ -59,20 +59,23 @@ def check_audio(step: dict[str, Any], where: str, needed: bool) -> None:
 
 def check_recovery(step: dict[str, Any], where: str) -> None:
     """``recovery:`` (optional on any step): distillation from the uncompressed base after the step."""
-    if "recovery" not in step:
-        return
+    if "recovery" in step:
+        check_training_options(step["recovery"], f"{where}.recovery")
+
+
+def check_training_options(options: Any, where: str) -> None:
+    """Options of a training run (recovery, or a distillation step): `audio` and TrainOptions fields."""
     from ..train.distill import TrainOptions
 
-    recovery = step["recovery"]
-    if not isinstance(recovery, dict) or not isinstance(recovery.get("audio"), str):
-        raise RecipeError(f"{where}.recovery: expected a mapping with at least `audio: DIR` (and e.g. `steps: 200`)")
+    if not isinstance(options, dict) or not isinstance(options.get("audio"), str):
+        raise RecipeError(f"{where}: expected a mapping with at least `audio: DIR` (and e.g. `steps: 200`)")
     try:
-        options = TrainOptions.from_dict(recovery)
+        parsed = TrainOptions.from_dict(options)
     except (TypeError, ValueError) as error:
-        raise RecipeError(f"{where}.recovery: {error}") from error
+        raise RecipeError(f"{where}: {error}") from error
     for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every"):
-        value = getattr(options, name)
+        value = getattr(parsed, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise RecipeError(f"{where}.recovery.{name}: expected a positive integer, got {value!r}")
-    if not (isinstance(options.lr, (int, float)) and options.lr > 0):
-        raise RecipeError(f"{where}.recovery.lr: expected a positive number, got {options.lr!r}")
+            raise RecipeError(f"{where}.{name}: expected a positive integer, got {value!r}")
+    if isinstance(parsed.lr, bool) or not isinstance(parsed.lr, (int, float)) or parsed.lr <= 0:
+        raise RecipeError(f"{where}.lr: expected a positive number, got {parsed.lr!r}")

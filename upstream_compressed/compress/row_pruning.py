@@ -13,10 +13,9 @@ from torch import Tensor
 
 from ..delta import Structure
 from ..model import SpeechTransformer
-from ..model.convert import Converted
 from ..model.layers import effective_weight
 from ..recipe import STEP_VALIDATORS
-from . import STEPS
+from . import STEPS, StepContext
 from .head_pruning import CRITERIA, DATA_OPTIONS, SELECTIONS
 from .importance import data_driven_scores
 from .options import check_recovery, check_audio, check_choice, check_fraction, check_keys, check_layers, check_positive_int
@@ -59,7 +58,7 @@ def unit_scores(model: SpeechTransformer, step: dict[str, Any]) -> list[Tensor]:
 
 
 def prune_rows(
-    model: SpeechTransformer, structure: Structure, step: dict[str, Any], base: Converted
+    model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
     scores = unit_scores(model, step)
     layers = step.get("layers")
@@ -70,7 +69,7 @@ def prune_rows(
     for i, units in enumerate(kept):
         if len(units) != model.config.layers[i].ffn_dim:
             model.keep_units(i, units)
-            structure.keep_units(i, units, base.config.layers[structure.layers[i].source_layer].ffn_dim)
+            structure.keep_units(i, units, context.base.config.layers[structure.layers[i].source_layer].ffn_dim)
     return model, structure
 
 

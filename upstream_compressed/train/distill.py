@@ -74,6 +74,23 @@ def distillation_loss(
     return total
 
 
+def default_pairs(student: SpeechTransformer, teacher: SpeechTransformer) -> list[list[int]]:
+    """Which student hidden state learns which teacher state, when a recipe does not say.
+
+    The same layout: one to one. A student with prediction heads (a distilled one): each head
+    learns the teacher layer it predicts.
+    """
+    if student.config.num_hidden_states == teacher.config.num_hidden_states:
+        return [[i, i] for i in range(student.config.num_hidden_states)]
+    if student.config.pred_layer_id and max(student.config.pred_layer_id) <= teacher.config.num_layers:
+        first_head = student.config.num_layers + 1
+        return [[first_head + j, layer] for j, layer in enumerate(student.config.pred_layer_id)]
+    raise ValueError(
+        f"student has {student.config.num_hidden_states} hidden states and the teacher "
+        f"{teacher.config.num_hidden_states}: give `pairs: [[student, teacher], ...]`"
+    )
+
+
 # ------------------------------------------------------------------------------------- distributed
 @dataclass
 class Dist:
@@ -158,14 +175,7 @@ def train_distillation(
     if options.freeze_front_end:
         student.feature_extractor.requires_grad_(False)
 
-    pairs = options.pairs
-    if pairs is None:
-        if student.config.num_hidden_states != teacher.config.num_hidden_states:
-            raise ValueError(
-                f"student has {student.config.num_hidden_states} hidden states and the teacher "
-                f"{teacher.config.num_hidden_states}: give `pairs: [[student, teacher], ...]`"
-            )
-        pairs = [[i, i] for i in range(student.config.num_hidden_states)]
+    pairs = options.pairs if options.pairs is not None else default_pairs(student, teacher)
     for s, t in pairs:
         if not (0 <= s < student.config.num_hidden_states and 0 <= t < teacher.config.num_hidden_states):
             raise ValueError(f"pair {[s, t]} names a hidden state that does not exist")

@@ -1,0 +1,40 @@
+"""Shapes and helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+from upstream_compressed.model import HUBERT, LayerConfig, ModelConfig, SpeechTransformer
+from upstream_compressed.model.convert import HUBERT_FORMAT, Converted
+
+HUBERT_BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+def hubert_base_shape(seed: int = 0) -> Converted:
+    """HuBERT Base's architecture (12 x 768, 12 heads, FFN 3072) with random weights, as a base."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        kind=HUBERT, embed_dim=768, head_dim=64, layers=[LayerConfig(12, 3072) for _ in range(12)],
+        conv_layers=HUBERT_BASE_CONV,
+    )
+    model = SpeechTransformer(config)
+    return Converted(model.config, model.state_dict(), HUBERT_FORMAT)
+
+
+def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds: int, warmup: int = 1) -> list[float]:
+    """Median forward time of each model, timed in alternation so drifts in machine load hit all alike."""
+    import statistics
+    import time
+
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            model.eval()
+            for _ in range(warmup):
+                model(wav)
+        for _ in range(rounds):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(wav)
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
