@@ -13,9 +13,9 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 
 def list_audio(directory: str | os.PathLike) -> list[Path]:
     """Every .wav/.flac file below ``directory``, sorted (so runs are reproducible)."""
-    directory = Path(directory)
+    directory = Path(os.path.expandvars(os.path.expanduser(str(directory))))
     if not directory.is_dir():
-        raise FileNotFoundError(f"audio directory {directory} does not exist")
+        raise FileNotFoundError(f"audio directory {directory} does not exist (set the variables it names?)")
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise FileNotFoundError(f"no .wav or .flac files below {directory}")

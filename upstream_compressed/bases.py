@@ -37,7 +37,7 @@ def download_known_base(name: str, refresh: bool = False) -> Path:
 
 def resolve_base(spec: str, relative_to: str | os.PathLike | None = None, refresh: bool = False) -> Path:
     """A base given as a path (relative to ``relative_to``) or a known name -> a local file."""
-    path = Path(os.path.expanduser(spec))
+    path = Path(os.path.expandvars(os.path.expanduser(spec)))
     if not path.is_absolute() and relative_to is not None:
         candidate = Path(relative_to) / path
         if candidate.exists():
