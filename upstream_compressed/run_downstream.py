@@ -14,15 +14,6 @@ import upstream_compressed
 from upstream_compressed import s3prl_compat
 
 
-def register_upstreams() -> bool:
-    """Add this plugin's upstreams to ``s3prl.hub`` if the package provides ``register()``."""
-    register = getattr(upstream_compressed, "register", None)
-    if register is None:
-        return False
-    register()
-    return True
-
-
 def main() -> None:
     """Apply the shims, register our upstreams, then run S3PRL's ``run_downstream.main()`` as is.
 
@@ -30,7 +21,7 @@ def main() -> None:
     S3PRL parses it (``--local_rank``; see ``s3prl_compat.fix_local_rank_argv``).
     """
     s3prl_compat.apply(argv=sys.argv)
-    register_upstreams()
+    upstream_compressed.register()
     from s3prl import run_downstream
 
     run_downstream.main()
