@@ -66,6 +66,22 @@ def make_delta(base: Path, steps: list[dict]) -> Path:
     return delta
 
 
+def kd_head_lr_delta(folder: Path) -> Path:
+    """The combination (a few distillation steps on generated audio, then head pruning and low-rank)."""
+    import numpy as np
+    import soundfile
+
+    audio = folder / "audio"
+    audio.mkdir()
+    for i in range(4):
+        t = np.arange(12000) / 16000
+        soundfile.write(audio / f"{i}.wav", (0.3 * np.sin(2 * np.pi * (150 + 50 * i) * t)).astype(np.float32), 16000)
+    kd = {"method": "distillation", "student_layers": 1, "pred_layers": [1, 2], "audio": str(audio), "steps": 2,
+          "batch_size": 2, "max_seconds": 0.75, "device": "cpu"}
+    steps = [kd, {"method": "head_pruning", "ratio": 0.5}, {"method": "low_rank", "ratio": 0.5, "targets": ["ffn"]}]
+    return make_delta(make_hubert_checkpoint(folder / "tiny_hubert.pt"), steps)
+
+
 UPSTREAMS = [
     Upstream("hubert_identity", lambda folder: make_delta(make_hubert_checkpoint(folder / "tiny_hubert.pt"), [])),
     Upstream(
@@ -78,6 +94,7 @@ UPSTREAMS = [
             make_hubert_checkpoint(folder / "tiny_hubert.pt"), [{"method": "head_pruning", "ratio": 0.5}]
         ),
     ),
+    Upstream("hubert_kd_head_lr", kd_head_lr_delta),
 ]
 
 PR = Task("ctc", "ctc_libriphone_tiny.yaml", TinyCorpus.ctc_override, "per")
