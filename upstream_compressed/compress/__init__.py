@@ -108,9 +108,11 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
         for i in range(first, len(recipe.steps)):
             step = recipe.steps[i]
             options = {k: v for k, v in step.items() if k != "recovery"}
+            print(f"step {i}: {step['method']} ...", file=sys.stderr, flush=True)
             model, structure = STEPS[step["method"]](model, structure, options, StepContext(base, work, i))
             if "recovery" in step:
                 _recover(model, base, step["recovery"], work / f"step-{i}-training.pt", f"step {i} recovery")
+            print(f"step {i}: {step['method']} done, {model.num_parameters():,} parameters", file=sys.stderr, flush=True)
             if ("recovery" in step or step["method"] in EXPENSIVE_METHODS) and work_dir is not None:
                 save_checkpoint(work / f"after-step-{i}.pt", {
                     "key": _snapshot_key(identity["sha256"], recipe.steps[: i + 1]),
