@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 
 from upstream_compressed.testing.checkpoints import make_distiller_checkpoint, make_hubert_checkpoint
@@ -34,3 +36,15 @@ def padded_batch():
     """Three utterances of different lengths (1 s, 0.69 s, 0.31 s), so padding matters."""
     generator = torch.Generator().manual_seed(0)
     return [torch.randn(n, generator=generator) for n in (16000, 11000, 5003)]
+
+
+@pytest.fixture(scope="session")
+def audio_dir(tmp_path_factory):
+    """Eight short tonal utterances (0.7-1.75 s, .wav and .flac) for data-driven scoring and training."""
+    directory = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        t = np.arange(int(16000 * (0.7 + 0.15 * i))) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (100 + 30 * i) * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
+        soundfile.write(directory / f"u{i}.{'flac' if i % 2 else 'wav'}", wav.astype(np.float32), 16000)
+    return directory

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from upstream_compressed.compress import run_recipe
@@ -27,17 +25,6 @@ def base_shaped(tmp_path_factory):
         tmp_path_factory.mktemp("base") / "hubert_base_shape.pt", layers=12, dim=768, ffn=3072, heads=12,
         conv_layers=HUBERT_BASE_CONV, conv_pos=128, conv_pos_groups=16,
     )
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("audio")
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        t = np.arange(int(16000 * (0.6 + 0.2 * i))) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t) + 0.05 * rng.standard_normal(len(t))
-        soundfile.write(directory / f"utt{i}.wav", wav.astype(np.float32), 16000)
-    return directory
 
 
 def compress(ckpt, *steps):

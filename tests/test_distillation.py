@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from upstream_compressed.compress import run_recipe
@@ -12,17 +10,6 @@ from upstream_compressed.compress.distillation import default_pred_layers
 from upstream_compressed.delta import write_delta
 from upstream_compressed.recipe import RecipeError, parse_recipe
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("kd_audio")
-    rng = np.random.default_rng(2)
-    for i in range(6):
-        t = np.arange(int(16000 * (0.7 + 0.1 * i))) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (110 + 25 * i) * t) + 0.03 * rng.standard_normal(len(t))
-        soundfile.write(directory / f"u{i}.wav", wav.astype(np.float32), 16000)
-    return directory
 
 
 @pytest.fixture(scope="module")

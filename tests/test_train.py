@@ -7,23 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 WORKER = Path(__file__).parent / "workers" / "distill_run.py"
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("train_audio")
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        t = np.arange(int(16000 * (0.8 + 0.15 * i))) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (100 + 30 * i) * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
-        soundfile.write(directory / f"u{i}.flac", wav.astype(np.float32), 16000)
-    return directory
 
 
 def run_worker(*args, env=None, check=True) -> subprocess.CompletedProcess:

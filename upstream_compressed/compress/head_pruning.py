@@ -17,26 +17,12 @@ from ..model import SpeechTransformer
 from ..model.layers import effective_weight
 from ..recipe import STEP_VALIDATORS
 from . import STEPS, StepContext
-from .importance import data_driven_scores
-from .options import check_recovery, check_audio, check_choice, check_fraction, check_keys, check_layers, check_positive_int
-from .selection import keep_global, keep_per_layer, random_scores
-
-CRITERIA = ("l1", "data_driven", "random")
-SELECTIONS = ("per_layer", "global")
-DATA_OPTIONS = ("audio", "max_utterances", "max_seconds", "batch_size", "projections")
+from .options import check_pruning
+from .selection import choose, score
 
 
 def validate(step: dict[str, Any], where: str) -> None:
-    check_recovery(step, where)
-    check_keys(step, where, ("ratio", "criterion", "selection", "layers", "seed", *DATA_OPTIONS))
-    check_fraction(step, where, "ratio", 0.0, 1.0, include_high=False,
-                   meaning="the fraction of heads removed; 1.0 would remove every head of every layer")
-    criterion = check_choice(step, where, "criterion", CRITERIA, "l1")
-    check_choice(step, where, "selection", SELECTIONS, "per_layer")
-    check_layers(step, where)
-    check_audio(step, where, criterion == "data_driven")
-    for name, default in (("max_utterances", 32), ("batch_size", 4), ("projections", 4)):
-        check_positive_int(step, where, name, default)
+    check_pruning(step, where, "heads")
 
 
 def l1_head_scores(model: SpeechTransformer) -> list[Tensor]:
@@ -48,32 +34,13 @@ def l1_head_scores(model: SpeechTransformer) -> list[Tensor]:
     return scores
 
 
-def head_scores(model: SpeechTransformer, step: dict[str, Any]) -> list[Tensor]:
-    criterion = step.get("criterion", "l1")
-    if criterion == "l1":
-        return l1_head_scores(model)
-    if criterion == "random":
-        return random_scores([layer.attention.num_heads for layer in model.layers], step.get("seed", 0))
-    return data_driven_scores(
-        model, "heads", step["audio"], step.get("max_utterances", 32), step.get("max_seconds", 8.0),
-        step.get("batch_size", 4), step.get("projections", 4), step.get("seed", 0),
-    )
-
-
 def prune_heads(
     model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
-    scores = head_scores(model, step)
-    layers = step.get("layers")
-    if layers is not None and max(layers, default=-1) >= model.config.num_layers:
-        raise ValueError(f"head_pruning.layers {layers} names a layer beyond the model's {model.config.num_layers}")
-    if step.get("selection", "per_layer") == "global":
-        # L1 magnitudes are comparable across layers; data-driven scores are not (Michel et al. normalise).
-        kept = keep_global(scores, step["ratio"], normalize=step.get("criterion", "l1") == "data_driven", layers=layers)
-    else:
-        kept = keep_per_layer(scores, step["ratio"], layers)
+    sizes = [layer.attention.num_heads for layer in model.layers]
+    kept = choose(score(model, step, "heads", l1_head_scores, sizes), step, model.config.num_layers)
     for i, heads in enumerate(kept):
-        if len(heads) != model.config.layers[i].num_heads:
+        if len(heads) != sizes[i]:
             model.keep_heads(i, heads)
             structure.keep_heads(i, heads, context.base.config.layers[structure.layers[i].source_layer].num_heads)
     return model, structure

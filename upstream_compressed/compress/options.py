@@ -79,3 +79,22 @@ def check_training_options(options: Any, where: str) -> None:
             raise RecipeError(f"{where}.{name}: expected a positive integer, got {value!r}")
     if isinstance(parsed.lr, bool) or not isinstance(parsed.lr, (int, float)) or parsed.lr <= 0:
         raise RecipeError(f"{where}.lr: expected a positive number, got {parsed.lr!r}")
+
+
+PRUNING_CRITERIA = ("l1", "data_driven", "random")
+PRUNING_SELECTIONS = ("per_layer", "global")
+DATA_OPTIONS = ("audio", "max_utterances", "max_seconds", "batch_size", "projections")
+
+
+def check_pruning(step: dict[str, Any], where: str, what: str) -> None:
+    """The options head and row pruning share; ``what`` names what ``ratio`` removes."""
+    check_recovery(step, where)
+    check_keys(step, where, ("ratio", "criterion", "selection", "layers", "seed", *DATA_OPTIONS))
+    check_fraction(step, where, "ratio", 0.0, 1.0, include_high=False,
+                   meaning=f"the fraction of {what} removed; 1.0 would remove every {what[:-1]} of every layer")
+    criterion = check_choice(step, where, "criterion", PRUNING_CRITERIA, "l1")
+    check_choice(step, where, "selection", PRUNING_SELECTIONS, "per_layer")
+    check_layers(step, where)
+    check_audio(step, where, criterion == "data_driven")
+    for name, default in (("max_utterances", 32), ("batch_size", 4), ("projections", 4)):
+        check_positive_int(step, where, name, default)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+from ..model import SpeechTransformer
+from .importance import data_driven_scores
 
 
 def keep_per_layer(scores: list[Tensor], ratio: float, layers: list[int] | None = None) -> list[list[int]]:
@@ -43,3 +47,28 @@ def keep_global(scores: list[Tensor], ratio: float, normalize: bool, layers: lis
 def random_scores(sizes: list[int], seed: int) -> list[Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.rand(n, generator=generator) for n in sizes]
+
+
+def score(model: SpeechTransformer, step: dict[str, Any], kind: str, l1: Callable[[SpeechTransformer], list[Tensor]],
+          sizes: list[int]) -> list[Tensor]:
+    """Per layer, one importance per head or unit (``kind``), by the step's criterion."""
+    criterion = step.get("criterion", "l1")
+    if criterion == "l1":
+        return l1(model)
+    if criterion == "random":
+        return random_scores(sizes, step.get("seed", 0))
+    return data_driven_scores(
+        model, kind, step["audio"], step.get("max_utterances", 32), step.get("max_seconds", 8.0),
+        step.get("batch_size", 4), step.get("projections", 4), step.get("seed", 0),
+    )
+
+
+def choose(scores: list[Tensor], step: dict[str, Any], num_layers: int) -> list[list[int]]:
+    """The indices each layer keeps, by the step's ratio, selection and layers."""
+    layers = step.get("layers")
+    if layers is not None and max(layers, default=-1) >= num_layers:
+        raise ValueError(f"{step['method']}.layers {layers} names a layer beyond the model's {num_layers}")
+    if step.get("selection", "per_layer") == "global":
+        # L1 magnitudes are comparable across layers; data-driven scores are not (Michel et al. normalise).
+        return keep_global(scores, step["ratio"], normalize=step.get("criterion", "l1") == "data_driven", layers=layers)
+    return keep_per_layer(scores, step["ratio"], layers)
