@@ -5,6 +5,11 @@ manifest: format version, base identity (name, path, sha256), recipe, the result
 the structure (which base layer / heads / FFN units each layer keeps) and parameter counts.
 Its tensors are only those that differ from the base after slicing by that structure.
 
+A weight-pruned (masked) Linear weight ``W`` is stored sparse (format version 2): ``W.__mask``, its
+mask bit-packed into uint8 (numpy.packbits, row-major), and ``W.__values``, the kept values in
+row-major order, only if they differ from the sliced base's (pruning without recovery stores bits
+only). The manifest's ``sparse_tensors`` gives each one's shape and number of kept values.
+
 Loading = read base, verify its sha256, slice by the kept indices, overwrite with the delta tensors.
 Every problem is reported as one :class:`DeltaError` whose message names it.
 """
@@ -14,20 +19,27 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .model import ModelConfig, SpeechTransformer
 from .model.convert import CheckpointError, Converted, load_base
+from .model.sparse import masked_linears
 
 FORMAT_NAME = "upstream_compressed.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written when no tensor is stored sparse, so dense deltas stay readable by older code
+SPARSE_FORMAT_VERSION = 2  # adds sparse (mask + kept values) tensors
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
+MASK_SUFFIX = ".__mask"
+VALUES_SUFFIX = ".__values"
 MANIFEST_KEY = "upstream_compressed.manifest"
 MANIFEST_DIGEST_KEY = "upstream_compressed.manifest_sha256"
 
@@ -127,6 +139,48 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+# ------------------------------------------------------------------------------- sparse tensors
+def pack_mask(mask: Tensor) -> Tensor:
+    """A boolean mask as bits, 8 to a uint8 (row-major, last byte zero-padded)."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_mask(packed: Tensor, shape: Sequence[int], name: str) -> Tensor:
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise DeltaError(
+            f"mask of sparse tensor {name} has {packed.numel()} {packed.dtype} entries; a packed mask of shape "
+            f"{tuple(shape)} needs {(numel + 7) // 8} uint8"
+        )
+    bits = np.unpackbits(packed.numpy(), count=numel)
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+def _masked_weight_names(model: SpeechTransformer) -> list[str]:
+    return [f"{name}.weight" for name, _ in masked_linears(model)]
+
+
+def _mask_name(weight_name: str) -> str:
+    return weight_name[: -len("weight")] + "mask"
+
+
+def _sparsity_summary(model: SpeechTransformer) -> dict[str, Any]:
+    """What weight pruning covers and how sparse each masked Linear is (for the manifest)."""
+    linears = {name: {"shape": list(m.mask.shape), "kept": m.mask.numel() - m.num_pruned}
+               for name, m in masked_linears(model)}
+    weights = sum(math.prod(v["shape"]) for v in linears.values())
+    kept = sum(v["kept"] for v in linears.values())
+    return {
+        "scope": "weights of the masked encoder Linears listed here (config layers[].sparse); biases, the conv "
+                 "front end, the positional conv, feature projection and prediction heads are dense",
+        "linears": linears,
+        "weights": weights,
+        "kept": kept,
+        "sparsity": 1 - kept / weights if weights else 0.0,
+        "params_nonzero": model.num_parameters() - (weights - kept),
+    }
+
+
 @dataclass
 class Delta:
     """A delta in memory: its manifest and its tensors."""
@@ -160,16 +214,37 @@ def make_delta(
     technique: str,
     extra: dict[str, Any] | None = None,
 ) -> Delta:
-    """Describe ``model`` relative to ``base``: keep only the tensors that slicing the base does not give."""
+    """Describe ``model`` relative to ``base``: keep only the tensors that slicing the base does not give.
+
+    Masked weights are stored sparse: packed mask bits, plus kept values where they differ from the base.
+    """
     reference = slice_base(base, structure)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    tensors: dict[str, Tensor] = {}
+    sparse: dict[str, dict[str, Any]] = {}
+    for name in _masked_weight_names(model):
+        weight, mask = state.pop(name).detach().cpu(), state.pop(_mask_name(name)).detach().cpu()
+        kept = mask.flatten().nonzero().squeeze(1)
+        values = weight.flatten()[kept]
+        tensors[name + MASK_SUFFIX] = pack_mask(mask)
+        ref = reference.get(name)
+        if ref is None or ref.shape != weight.shape or not torch.equal(ref.flatten()[kept], values):
+            tensors[name + VALUES_SUFFIX] = values
+        sparse[name] = {"shape": list(weight.shape), "kept": len(kept)}
+    for name, tensor in state.items():
         ref = reference.get(name)
         if ref is None or ref.shape != tensor.shape or not torch.equal(ref, tensor.detach().cpu()):
             tensors[name] = tensor.detach().cpu().contiguous()
+    if sparse:
+        extra = {**(extra or {}), "sparse_tensors": sparse, "sparsity": _sparsity_summary(model)}
+        macs = extra.get("macs")
+        if isinstance(macs, dict) and "seconds" in macs:  # dense MACs count the zeros; say what is really multiplied
+            from .profile import count_effective_macs
+
+            extra["macs"] = {**macs, "compressed_effective": count_effective_macs(model, macs["seconds"])}
     manifest = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": SPARSE_FORMAT_VERSION if sparse else FORMAT_VERSION,
         "base": base_identity,
         "recipe": recipe,
         "technique": technique,
@@ -221,11 +296,13 @@ def read_delta(path: str | os.PathLike) -> Delta:
     if manifest.get("format") != FORMAT_NAME:
         raise DeltaError(f"{path}: unknown format {manifest.get('format')!r}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise DeltaError(
             f"{path}: delta format version {version} is not supported by this upstream_compressed "
-            f"(it reads version {FORMAT_VERSION}); upgrade the package or re-create the delta"
+            f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade the package or re-create the delta"
         )
+    if manifest.get("sparse_tensors") and version < SPARSE_FORMAT_VERSION:
+        raise DeltaError(f"{path}: sparse tensors need format version {SPARSE_FORMAT_VERSION}, the file says {version}")
     if _tensor_digest(tensors) != manifest.get("tensors_sha256"):
         raise DeltaError(f"{path}: tensor data does not match the manifest's checksum; the file is corrupted")
     missing = {"base", "config", "structure", "technique"} - set(manifest)
@@ -265,12 +342,14 @@ def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
     reference = slice_base(base, structure)
     with torch.device("meta"):
         target = SpeechTransformer(config).state_dict()
-    unknown = set(delta.tensors) - set(target)
+    sparse = _sparse_tensors(delta, reference, target)
+    stored_sparse = {n + suffix for n in sparse for suffix in (MASK_SUFFIX, VALUES_SUFFIX)}
+    unknown = set(delta.tensors) - set(target) - stored_sparse
     if unknown:
         raise DeltaError(f"delta tensors {sorted(unknown)[:5]} do not exist in the model its config describes")
     state = {}
     for name, expected in target.items():
-        tensor = delta.tensors.get(name, reference.get(name))
+        tensor = sparse.get(name, delta.tensors.get(name, reference.get(name)))
         if tensor is None:
             raise DeltaError(f"tensor {name} is neither in the delta nor derivable from the base")
         if tensor.shape != expected.shape:
@@ -281,6 +360,39 @@ def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
             )
         state[name] = tensor
     return SpeechTransformer.from_state_dict(config, state)
+
+
+def _sparse_tensors(delta: Delta, reference: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Dense weights and masks rebuilt from the delta's sparse tensors (name -> tensor)."""
+    specs = delta.manifest.get("sparse_tensors") or {}
+    if not isinstance(specs, dict):
+        raise DeltaError("the manifest's sparse_tensors is not a mapping")
+    rebuilt: dict[str, Tensor] = {}
+    for name, spec in specs.items():
+        mask_name = _mask_name(name)
+        if not name.endswith(".weight") or name not in target or mask_name not in target:
+            raise DeltaError(f"sparse tensor {name} is not a masked Linear weight of the model its config describes "
+                             "(config layers[].sparse lists the masked Linears)")
+        if name in delta.tensors:
+            raise DeltaError(f"tensor {name} is stored both dense and sparse")
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or tuple(shape) != tuple(target[name].shape):
+            raise DeltaError(f"sparse tensor {name} has shape {shape}, but the structure needs {tuple(target[name].shape)}")
+        if name + MASK_SUFFIX not in delta.tensors:
+            raise DeltaError(f"sparse tensor {name} has no mask ({name + MASK_SUFFIX}) in the delta")
+        mask = unpack_mask(delta.tensors[name + MASK_SUFFIX], shape, name)
+        values = delta.tensors.get(name + VALUES_SUFFIX)
+        if values is None:  # unchanged since pruning: the sliced base holds the kept values
+            ref = reference.get(name)
+            if ref is None or tuple(ref.shape) != tuple(shape):
+                raise DeltaError(f"kept values of sparse tensor {name} are neither in the delta nor in the sliced base")
+            values = ref[mask]
+        kept = int(mask.count_nonzero())
+        if values.dim() != 1 or values.numel() != kept:
+            raise DeltaError(f"sparse tensor {name} has {values.numel()} kept values but its mask keeps {kept}")
+        rebuilt[name] = torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+        rebuilt[mask_name] = mask
+    return rebuilt
 
 
 def build_compressed(delta: Delta, base_path: str | os.PathLike) -> SpeechTransformer:

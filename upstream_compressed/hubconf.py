@@ -5,6 +5,10 @@ delta file; its base checkpoint is found, in this order, from: the ``-g`` option
 (``base: PATH``), the ``UPSTREAM_COMPRESSED_BASE`` environment variable, the path recorded in the
 delta, a file of the recorded name beside the delta, and finally S3PRL's own download of a known
 base name (needs network).
+
+Weight-pruned Linears run dense or through a sparse kernel: the ``-g`` yaml's ``sparse_execution``
+(``auto``, ``dense`` or ``sparse``), else the ``UPSTREAM_COMPRESSED_SPARSE_EXECUTION`` environment
+variable, else ``auto`` (sparse where it is faster on the device).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import yaml
 from .bases import KNOWN_BASES, download_known_base
 from .delta import Delta, DeltaError, build_compressed, read_delta
 from .expert import UpstreamExpert
+from .model.sparse import resolve_execution
 
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 FAMILIES = ("hubert", "distilhubert")
@@ -91,7 +96,13 @@ def load_upstream(
             f"{technique!r}; use -u {delta.base_family}_{delta.technique} or compressed_local"
         )
     base_path = find_base(delta, delta_path, model_config, refresh)
+    execution = _options(model_config).get("sparse_execution")
+    try:
+        resolve_execution(execution, where=f"upstream options file (-g) {model_config}: sparse_execution")
+    except ValueError as error:
+        raise DeltaError(str(error)) from error
     model = build_compressed(delta, base_path)
+    model.set_sparse_execution(execution)
     return UpstreamExpert(model.eval(), delta.manifest)
 
 

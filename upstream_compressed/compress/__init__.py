@@ -125,4 +125,4 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
 
 
 # Importing the technique modules registers their steps and validators.
-from . import distillation, head_pruning, low_rank, row_pruning  # noqa: E402,F401
+from . import distillation, head_pruning, low_rank, row_pruning, weight_pruning  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """Structure as data: everything that shapes a :class:`SpeechTransformer`.
 
 A base model and every compressed variant of it are described by one :class:`ModelConfig`.
-Compression changes the numbers in it (heads per layer, FFN width, ranks), never the code.
+Compression changes the numbers in it (heads per layer, FFN width, ranks, which Linears carry
+weight-pruning masks), never the code.
 """
 
 from __future__ import annotations
@@ -14,24 +15,31 @@ HUBERT = "hubert"  # [encoder input] + layer outputs (last one after the final L
 DISTILLER = "distiller"  # [projected features] + layer outputs + prediction-head outputs
 KINDS = (HUBERT, DISTILLER)
 
-# Linear layers of one encoder layer that may be factorised or sparsified.
+# Linear layers of one encoder layer that may be factorised or sparsified (masked).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @dataclass
 class LayerConfig:
-    """One encoder layer: how many attention heads, how wide the FFN, which Linears are low-rank."""
+    """One encoder layer: heads, FFN width, which Linears are low-rank and which carry a pruning mask."""
 
     num_heads: int
     ffn_dim: int
     ranks: dict[str, int] = field(default_factory=dict)  # Linear name -> rank of its B·A factors
+    sparse: list[str] = field(default_factory=list)  # Linear names with a weight mask (weight pruning)
 
     def __post_init__(self) -> None:
         if self.num_heads < 0 or self.ffn_dim < 0:
             raise ValueError(f"negative size in layer config {self}")
-        unknown = set(self.ranks) - set(LINEAR_NAMES)
+        self.sparse = list(self.sparse)
+        unknown = (set(self.ranks) | set(self.sparse)) - set(LINEAR_NAMES)
         if unknown:
             raise ValueError(f"unknown Linear names {sorted(unknown)}; known: {LINEAR_NAMES}")
+        if len(set(self.sparse)) != len(self.sparse):
+            raise ValueError(f"sparse Linear names repeat: {self.sparse}")
+        both = set(self.ranks) & set(self.sparse)
+        if both:
+            raise ValueError(f"Linears {sorted(both)} cannot be both low-rank and sparse")
 
 
 @dataclass
@@ -106,6 +114,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["conv_layers"] = [list(layer) for layer in self.conv_layers]
+        for layer in data["layers"]:  # dense models keep the manifests they had before weight pruning existed
+            if not layer["sparse"]:
+                del layer["sparse"]
         return data
 
     @classmethod

@@ -1,7 +1,7 @@
 """The building blocks of :class:`~upstream_compressed.model.transformer.SpeechTransformer`.
 
 Every block takes its sizes from the config, so a pruned block is just a block built with smaller
-numbers. Structural compression is done by methods that return a smaller module
+numbers. Weight pruning's masked Linears live in :mod:`.sparse`. Structural compression is done by methods that return a smaller module
 (:meth:`SelfAttention.keep_heads`, :meth:`FeedForward.keep_units`), never by masks hidden in forward.
 """
 
@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .sparse import MaskedLinear
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -93,9 +95,11 @@ class LowRankLinear(nn.Module):
 
 
 def effective_weight(linear: nn.Module) -> Tensor:
-    """The (out x in) matrix a dense or low-rank Linear applies."""
+    """The (out x in) matrix a dense, masked or low-rank Linear applies."""
     if isinstance(linear, LowRankLinear):
         return linear.up.weight @ linear.down.weight
+    if isinstance(linear, MaskedLinear):
+        return linear.weight * linear.mask
     return linear.weight
 
 
@@ -132,11 +136,13 @@ def factorize(linear: nn.Module, rank: int) -> LowRankLinear:
     return factored.to(device=weight.device, dtype=weight.dtype)
 
 
-def make_linear(in_features: int, out_features: int, rank: int | None) -> nn.Module:
-    """A dense Linear, or a low-rank one when ``rank`` is given."""
-    if rank is None:
-        return nn.Linear(in_features, out_features)
-    return LowRankLinear(in_features, out_features, rank)
+def make_linear(in_features: int, out_features: int, rank: int | None, sparse: bool = False) -> nn.Module:
+    """A dense Linear, a low-rank one when ``rank`` is given, or a masked one when ``sparse``."""
+    if rank is not None and sparse:
+        raise ValueError("a Linear is either low-rank or sparse (masked), not both")
+    if rank is not None:
+        return LowRankLinear(in_features, out_features, rank)
+    return MaskedLinear(in_features, out_features) if sparse else nn.Linear(in_features, out_features)
 
 
 def select_rows(linear: nn.Module, index: Tensor) -> nn.Module:
@@ -146,11 +152,14 @@ def select_rows(linear: nn.Module, index: Tensor) -> nn.Module:
         smaller.down.load_state_dict(linear.down.state_dict())
         smaller.up = select_rows(linear.up, index)
         return smaller
-    smaller = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None)
+    kind = MaskedLinear if isinstance(linear, MaskedLinear) else nn.Linear
+    smaller = kind(linear.in_features, len(index), bias=linear.bias is not None)
     with torch.no_grad():
         smaller.weight.copy_(linear.weight[index])
         if linear.bias is not None:
             smaller.bias.copy_(linear.bias[index])
+        if isinstance(linear, MaskedLinear):
+            smaller.mask.copy_(linear.mask[index])
     return smaller.to(linear.weight)
 
 
@@ -161,11 +170,14 @@ def select_columns(linear: nn.Module, index: Tensor) -> nn.Module:
         smaller.up.load_state_dict(linear.up.state_dict())
         smaller.down = select_columns(linear.down, index)
         return smaller
-    smaller = nn.Linear(len(index), linear.out_features, bias=linear.bias is not None)
+    kind = MaskedLinear if isinstance(linear, MaskedLinear) else nn.Linear
+    smaller = kind(len(index), linear.out_features, bias=linear.bias is not None)
     with torch.no_grad():
         smaller.weight.copy_(linear.weight[:, index])
         if linear.bias is not None:
             smaller.bias.copy_(linear.bias)
+        if isinstance(linear, MaskedLinear):
+            smaller.mask.copy_(linear.mask[:, index])
     return smaller.to(linear.weight)
 
 
@@ -183,15 +195,16 @@ class SelfAttention(nn.Module):
         head_dim: int,
         dropout: float = 0.0,
         ranks: dict[str, int] | None = None,
+        sparse: Sequence[str] = (),
     ) -> None:
         super().__init__()
         ranks = ranks or {}
         self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
         inner = num_heads * head_dim
-        self.q_proj = make_linear(embed_dim, inner, ranks.get("q_proj"))
-        self.k_proj = make_linear(embed_dim, inner, ranks.get("k_proj"))
-        self.v_proj = make_linear(embed_dim, inner, ranks.get("v_proj"))
-        self.out_proj = make_linear(inner, embed_dim, ranks.get("out_proj"))
+        self.q_proj = make_linear(embed_dim, inner, ranks.get("q_proj"), "q_proj" in sparse)
+        self.k_proj = make_linear(embed_dim, inner, ranks.get("k_proj"), "k_proj" in sparse)
+        self.v_proj = make_linear(embed_dim, inner, ranks.get("v_proj"), "v_proj" in sparse)
+        self.out_proj = make_linear(inner, embed_dim, ranks.get("out_proj"), "out_proj" in sparse)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, T, D); padding_mask: (B, T), True on padded frames (never attended to)."""
@@ -231,12 +244,13 @@ class FeedForward(nn.Module):
     """Position-wise FFN ``fc2(dropout(gelu(fc1(x))))``; its hidden units can be pruned."""
 
     def __init__(
-        self, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0, ranks: dict[str, int] | None = None
+        self, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0, ranks: dict[str, int] | None = None,
+        sparse: Sequence[str] = (),
     ) -> None:
         super().__init__()
         ranks = ranks or {}
-        self.fc1 = make_linear(embed_dim, ffn_dim, ranks.get("fc1"))
-        self.fc2 = make_linear(ffn_dim, embed_dim, ranks.get("fc2"))
+        self.fc1 = make_linear(embed_dim, ffn_dim, ranks.get("fc1"), "fc1" in sparse)
+        self.fc2 = make_linear(ffn_dim, embed_dim, ranks.get("fc2"), "fc2" in sparse)
         self.activation_dropout = activation_dropout
 
     @property
@@ -276,12 +290,13 @@ class EncoderLayer(nn.Module):
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
         ranks: dict[str, int] | None = None,
+        sparse: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.layer_norm_first, self.dropout = layer_norm_first, dropout
-        self.attention = SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks)
+        self.attention = SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks, sparse)
         self.attention_norm = nn.LayerNorm(embed_dim)
-        self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks)
+        self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks, sparse)
         self.final_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:

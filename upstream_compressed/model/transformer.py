@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .config import DISTILLER, HUBERT, LayerConfig, ModelConfig
 from .layers import ConvFeatureExtractor, EncoderLayer, LowRankLinear, PositionalConv, PredictionHeads
+from .sparse import MaskedLinear, set_execution
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -67,6 +68,7 @@ class SpeechTransformer(nn.Module):
             attention_dropout=c.attention_dropout,
             activation_dropout=c.activation_dropout,
             ranks=layer.ranks,
+            sparse=layer.sparse,
         )
 
     # ----------------------------------------------------------------------------------- padding
@@ -148,17 +150,39 @@ class SpeechTransformer(nn.Module):
         return getattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name)
 
     def replace_linear(self, layer: int, name: str, module: nn.Module) -> None:
-        """Put ``module`` (dense or low-rank, same in/out sizes) in place of a Linear; the config follows."""
+        """Put ``module`` (dense, low-rank or masked, same in/out sizes) in place of a Linear; the config follows."""
         old = self.linear(layer, name)
         if (module.in_features, module.out_features) != (old.in_features, old.out_features):
             raise ValueError(f"layer {layer} {name}: replacement changes the Linear's shape")
         block = self.layers[layer]
         setattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name, module)
-        ranks = self.config.layers[layer].ranks
+        config = self.config.layers[layer]
         if isinstance(module, LowRankLinear):
-            ranks[name] = module.rank
+            config.ranks[name] = module.rank
         else:
-            ranks.pop(name, None)
+            config.ranks.pop(name, None)
+        if isinstance(module, MaskedLinear):
+            if name not in config.sparse:
+                config.sparse.append(name)
+        elif name in config.sparse:
+            config.sparse.remove(name)
+
+    def prune_weights(self, layer: int, name: str, keep: Tensor) -> None:
+        """Zero the weights of a dense Linear where ``keep`` is False, keeping the mask (masks only grow)."""
+        linear = self.linear(layer, name)
+        if isinstance(linear, MaskedLinear):
+            linear.set_mask(linear.mask & keep.to(linear.mask.device))
+        elif isinstance(linear, nn.Linear):
+            self.replace_linear(layer, name, MaskedLinear.from_linear(linear, keep))
+        else:
+            raise ValueError(f"layer {layer} {name}: only dense Linears can be weight-pruned, not {type(linear).__name__}")
+
+    def set_sparse_execution(self, mode: str | None) -> dict[str, str]:
+        """Run masked Linears ``auto``/``dense``/``sparse`` (None: the environment variable, else auto).
+
+        Returns the kernel each masked Linear will run without autograd, by module name.
+        """
+        return set_execution(self, mode)
 
     # ------------------------------------------------------------------------------------ costs
     def num_parameters(self, encoder_only: bool = False) -> int:

@@ -1,0 +1,175 @@
+"""Does weight pruning run faster? Sparse kernels against dense, on the HuBERT Base shape, CPU.
+
+For each sparsity (default 50/70/80/90/95%), every encoder Linear (q/k/v/out_proj, fc1, fc2) is
+pruned to that sparsity (``selection: per_layer``, so each Linear has exactly it: global selection
+on random weights would prune whole Linears whose initial scale is small). Side by side, timed in
+alternation within one run on ``--seconds`` of audio:
+
+(a) the 72 pruned Linears alone, each on its real input shape (frames x in): forced sparse (CSR)
+    against the dense Linears; per shape as well, which gives the break-even sparsity;
+(b) the whole upstream (``UpstreamExpert``, sparse execution ``auto``) against the dense model,
+    with its bound: dense total / (dense total - dense time of the pruned Linears), i.e. the
+    speed-up if the pruned Linears took no time at all (the CNN front end and attention stay).
+
+The last line is one JSON object (``linear_speedup_90``, ``linear_speedup_95``,
+``model_speedup_90``, ``model_bound_90``, ...).
+
+    python benchmarks/weight_pruning.py [--seconds 10] [--rounds 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hubert_base_shape, interleaved_medians  # noqa: E402
+
+from upstream_compressed.compress import STEPS, StepContext  # noqa: E402
+from upstream_compressed.delta import Structure  # noqa: E402
+from upstream_compressed.expert import UpstreamExpert  # noqa: E402
+from upstream_compressed.model import LINEAR_NAMES, SpeechTransformer  # noqa: E402
+from upstream_compressed.model.sparse import CPU_MIN_SPARSITY  # noqa: E402
+from upstream_compressed.profile import count_effective_macs, count_macs  # noqa: E402
+
+SHAPES = {"q_proj": "attn 768x768", "k_proj": "attn 768x768", "v_proj": "attn 768x768",
+          "out_proj": "attn 768x768", "fc1": "fc1 3072x768", "fc2": "fc2 768x3072"}
+
+
+def linears(model: SpeechTransformer) -> list[tuple[str, torch.nn.Module]]:
+    return [(SHAPES[name], model.linear(i, name)) for i in range(model.config.num_layers) for name in LINEAR_NAMES]
+
+
+def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int, rounds: int) -> list[dict[str, float]]:
+    """Per variant and shape, the median (over rounds) of the summed forward time of its Linears."""
+    inputs = {n: torch.randn(1, frames, n) for n in (768, 3072)}
+    totals: list[dict[str, list[float]]] = [{} for _ in variants]
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):  # round 0 warms up (and builds the sparse kernels)
+            for v, modules in enumerate(variants):
+                sums: dict[str, float] = {}
+                for shape, module in modules:
+                    x = inputs[module.in_features]
+                    start = time.perf_counter()
+                    module(x)
+                    sums[shape] = sums.get(shape, 0.0) + time.perf_counter() - start
+                if round_:
+                    for shape, seconds in sums.items():
+                        totals[v].setdefault(shape, []).append(seconds)
+                    totals[v].setdefault("all", []).append(sum(sums.values()))
+    return [{shape: statistics.median(t) for shape, t in variant.items()} for variant in totals]
+
+
+def break_even(sparsities: list[float], speedups: list[float]) -> float | None:
+    """The sparsity where sparse and dense take equal time, interpolated between measured points."""
+    points = list(zip(sparsities, speedups))
+    for (s0, r0), (s1, r1) in zip(points, points[1:]):
+        if r0 < 1 <= r1:
+            return s0 + (1 - r0) * (s1 - s0) / (r1 - r0)
+    return sparsities[0] if speedups and speedups[0] >= 1 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    base = hubert_base_shape()
+    dense = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
+    pruned = []
+    for sparsity in args.sparsities:
+        model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
+        step = {"method": "weight_pruning", "sparsity": sparsity, "selection": "per_layer"}
+        model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0))
+        pruned.append(model)
+    wav = torch.randn(int(args.seconds * 16000))
+    frames = len(wav)
+    for _, kernel, stride in base.config.conv_layers:
+        frames = (frames - kernel) // stride + 1
+
+    # (a) the pruned Linears alone: forced sparse against dense.
+    for model in pruned:
+        model.set_sparse_execution("sparse")
+    linear_times = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds)
+    dense_linear = linear_times[0]
+    print(f"(a) the {len(linears(dense))} encoder Linears alone, {frames} frames ({args.seconds:g} s), "
+          f"median of {args.rounds} rounds: dense vs CSR (forced sparse)")
+    shapes = [s for s in dense_linear if s != "all"]
+    print("| sparsity | dense (ms) | sparse (ms) | speed-up | " + " | ".join(f"{s} speed-up" for s in shapes) + " |")
+    print("|---|---|---|---|" + "---|" * len(shapes))
+    linear_speedup = {}
+    per_shape_speedups: dict[str, list[float]] = {s: [] for s in shapes}
+    for sparsity, times in zip(args.sparsities, linear_times[1:]):
+        linear_speedup[sparsity] = dense_linear["all"] / times["all"]
+        for s in shapes:
+            per_shape_speedups[s].append(dense_linear[s] / times[s])
+        print(f"| {sparsity:.0%} | {dense_linear['all'] * 1000:.1f} | {times['all'] * 1000:.1f} | "
+              f"{linear_speedup[sparsity]:.2f}x | " + " | ".join(f"{dense_linear[s] / times[s]:.2f}x" for s in shapes) + " |")
+    even = {s: break_even(args.sparsities, per_shape_speedups[s]) for s in shapes}
+    even["all"] = break_even(args.sparsities, list(linear_speedup.values()))
+    print("break-even sparsity (sparse = dense, interpolated): " +
+          ", ".join(f"{s} {v:.0%}" if v is not None else f"{s} not reached" for s, v in even.items()) +
+          f"; auto uses CSR from {CPU_MIN_SPARSITY:.0%}")
+
+    # (b) the whole upstream with automatic kernel choice against the dense model.
+    for model in pruned:
+        model.set_sparse_execution("auto")
+    kernels = [sorted({m.kernel_name() for _, m in linears(model)}) for model in pruned]
+    experts = [UpstreamExpert(dense)] + [UpstreamExpert(m) for m in pruned]
+    model_times = interleaved_medians(experts, [wav], args.rounds)
+    dense_total = model_times[0]
+    bound = dense_total / (dense_total - dense_linear["all"])
+    base_macs = count_macs(dense, args.seconds)
+    print()
+    print(f"(b) whole upstream, {args.seconds:g} s of audio, sparse_execution auto, median of {args.rounds} rounds; "
+          f"dense {dense_total * 1000:.1f} ms, of which pruned Linears {dense_linear['all'] * 1000:.1f} ms "
+          f"-> bound {bound:.2f}x")
+    print("| sparsity | kernels | GMACs dense | GMACs effective | time (ms) | speed-up | bound | way to bound |")
+    print("|---|---|---|---|---|---|---|---|")
+    model_speedup, way = {}, {}
+    for sparsity, model, kernel, seconds in zip(args.sparsities, pruned, kernels, model_times[1:]):
+        model_speedup[sparsity] = dense_total / seconds
+        way[sparsity] = (model_speedup[sparsity] - 1) / (bound - 1)
+        effective = count_effective_macs(model, args.seconds)
+        print(f"| {sparsity:.0%} | {'+'.join(kernel)} | {base_macs / 1e9:.1f} | {effective / 1e9:.1f} | "
+              f"{seconds * 1000:.1f} | {model_speedup[sparsity]:.2f}x | {bound:.2f}x | {way[sparsity]:.0%} |")
+    print()
+    load_after = os.getloadavg()
+    print(f"threads {torch.get_num_threads()} of {os.cpu_count()} cores; load average (1/5/15 min) "
+          f"before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
+    def at(values: dict[float, float], sparsity: float) -> float | None:  # None (JSON null) if not measured
+        return round(values[sparsity], 3) if sparsity in values else None
+
+    result = {
+        "linear_speedup_90": at(linear_speedup, 0.9),
+        "linear_speedup_95": at(linear_speedup, 0.95),
+        "model_speedup_90": at(model_speedup, 0.9),
+        "model_bound_90": round(bound, 3),
+        "model_way_to_bound_90": at(way, 0.9),
+        "model_speedup_over_bound_90": round(model_speedup[0.9] / bound, 3) if 0.9 in model_speedup else None,
+        "linear_speedup": {f"{s:g}": round(v, 3) for s, v in linear_speedup.items()},
+        "model_speedup": {f"{s:g}": round(v, 3) for s, v in model_speedup.items()},
+        "break_even": {s: (round(v, 3) if v is not None else None) for s, v in even.items()},
+        "threads": torch.get_num_threads(),
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in load_after],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
