@@ -28,6 +28,7 @@ def test_compress_identity_then_inspect_json(tmp_path, hubert_ckpt, capsys):
     assert info["technique"] == "identity"
     assert info["params"] == info["params_base"] > 0
     assert info["macs"] == info["macs_base"] > 0
+    assert info["params_nonzero"] is None and info["macs_effective"] is None  # dense: nothing to discount
     assert len(info["structure"]["layers"]) == 2
     assert main(["inspect", str(out)]) == 0
     assert "params" in capsys.readouterr().out

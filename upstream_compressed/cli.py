@@ -59,6 +59,9 @@ def _inspect(args: argparse.Namespace) -> int:
         "macs_base": manifest.get("macs", {}).get("base"),
         "macs": manifest.get("macs", {}).get("compressed"),
         "macs_seconds_of_audio": manifest.get("macs", {}).get("seconds"),
+        # weight-pruned deltas: zeros still count in params/macs above; these count only non-zeros
+        "params_nonzero": manifest.get("sparsity", {}).get("params_nonzero"),
+        "macs_effective": manifest.get("macs", {}).get("compressed_effective"),
         "structure": manifest["structure"],
         "config": manifest["config"],
         "stored_tensors": sorted(delta.tensors),
@@ -75,6 +78,11 @@ def _inspect(args: argparse.Namespace) -> int:
     if summary["macs"]:
         print(f"MACs       {summary['macs'] / 1e9:.2f} G per {summary['macs_seconds_of_audio']:g} s of audio "
               f"(base {summary['macs_base'] / 1e9:.2f} G, {summary['macs'] / summary['macs_base']:.1%})")
+    if summary["params_nonzero"] is not None:
+        print(f"non-zero   {summary['params_nonzero']:,} parameters "
+              f"(sparsity {manifest['sparsity']['sparsity']:.1%} of the masked encoder Linear weights)")
+    if summary["macs_effective"] is not None:
+        print(f"effective  {summary['macs_effective'] / 1e9:.2f} G MACs (non-zero weights only)")
     print(f"steps      {len(summary['steps'])}")
     for i, step in enumerate(summary["steps"]):
         print(f"  {i}: {step}")
