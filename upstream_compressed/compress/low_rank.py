@@ -15,23 +15,11 @@ from typing import Any
 import torch
 
 from ..delta import Structure
-from ..model import LINEAR_NAMES, SpeechTransformer
+from ..model import SpeechTransformer
 from ..model.layers import effective_weight, factorize
 from ..recipe import STEP_VALIDATORS, RecipeError
 from . import STEPS, StepContext
-from .options import check_recovery, check_fraction, check_keys, check_layers
-
-GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "ffn": ("fc1", "fc2")}
-
-
-def target_names(step: dict[str, Any]) -> list[str]:
-    names: list[str] = []
-    for target in step.get("targets", ["attention", "ffn"]):
-        for name in GROUPS.get(target, (target,)):
-            if name not in names:
-                names.append(name)
-    return names
-
+from .options import check_fraction, check_keys, check_layers, check_recovery, check_targets, target_names
 
 def validate(step: dict[str, Any], where: str) -> None:
     check_recovery(step, where)
@@ -44,12 +32,7 @@ def validate(step: dict[str, Any], where: str) -> None:
         raise RecipeError(f"{where}.ratio: 0 removes nothing; use a value in (0, 1)")
     check_fraction(step, where, "energy", 0.0, 1.0, include_high=True, required=False,
                    meaning="the fraction of spectral energy kept")
-    targets = step.get("targets", ["attention", "ffn"])
-    if not isinstance(targets, list) or not targets:
-        raise RecipeError(f"{where}.targets: expected a non-empty list such as [attention, ffn]")
-    for target in targets:
-        if target not in GROUPS and target not in LINEAR_NAMES:
-            raise RecipeError(f"{where}.targets: unknown target {target!r}; use {sorted(GROUPS)} or {LINEAR_NAMES}")
+    check_targets(step, where)
     check_layers(step, where)
 
 

@@ -98,3 +98,27 @@ def check_pruning(step: dict[str, Any], where: str, what: str) -> None:
     check_audio(step, where, criterion == "data_driven")
     for name, default in (("max_utterances", 32), ("batch_size", 4), ("projections", 4)):
         check_positive_int(step, where, name, default)
+
+
+LINEAR_GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "ffn": ("fc1", "fc2")}
+
+
+def target_names(step: dict[str, Any]) -> list[str]:
+    """The Linear names a step's ``targets`` (groups or names; default all) stand for, in order."""
+    names: list[str] = []
+    for target in step.get("targets", ["attention", "ffn"]):
+        for name in LINEAR_GROUPS.get(target, (target,)):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def check_targets(step: dict[str, Any], where: str) -> None:
+    from ..model import LINEAR_NAMES
+
+    targets = step.get("targets", ["attention", "ffn"])
+    if not isinstance(targets, list) or not targets:
+        raise RecipeError(f"{where}.targets: expected a non-empty list such as [attention, ffn]")
+    for target in targets:
+        if target not in LINEAR_GROUPS and target not in LINEAR_NAMES:
+            raise RecipeError(f"{where}.targets: unknown target {target!r}; use {sorted(LINEAR_GROUPS)} or {LINEAR_NAMES}")

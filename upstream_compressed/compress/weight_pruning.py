@@ -22,12 +22,11 @@ import torch
 from torch import Tensor
 
 from ..delta import Structure
-from ..model import LINEAR_NAMES, SpeechTransformer
+from ..model import SpeechTransformer
 from ..model.sparse import MaskedLinear
 from ..recipe import STEP_VALIDATORS, RecipeError
 from . import STEPS, StepContext
-from .low_rank import GROUPS, target_names
-from .options import check_choice, check_fraction, check_keys, check_layers, check_recovery
+from .options import check_choice, check_fraction, check_keys, check_layers, check_recovery, check_targets, target_names
 
 SELECTIONS = ("global", "per_layer")
 UNSTRUCTURED, TWO_FOUR = "unstructured", "2:4"
@@ -57,12 +56,7 @@ def validate(step: dict[str, Any], where: str) -> None:
         if step["sparsity"] == 0:
             raise RecipeError(f"{where}.sparsity: 0 prunes nothing; use a value in (0, 1)")
     check_choice(step, where, "selection", SELECTIONS, "global")
-    targets = step.get("targets", ["attention", "ffn"])
-    if not isinstance(targets, list) or not targets:
-        raise RecipeError(f"{where}.targets: expected a non-empty list such as [attention, ffn]")
-    for target in targets:
-        if target not in GROUPS and target not in LINEAR_NAMES:
-            raise RecipeError(f"{where}.targets: unknown target {target!r}; use {sorted(GROUPS)} or {LINEAR_NAMES}")
+    check_targets(step, where)
     check_layers(step, where)
 
 
