@@ -8,9 +8,7 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 import yaml
 from safetensors.torch import save
@@ -39,18 +37,6 @@ from upstream_compressed.train.distill import TrainOptions, train_distillation
 
 from helpers import max_valid_difference, run_model
 from test_profile import analytic_macs
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory):
-    """Six short noisy tones, enough for a few recovery steps."""
-    directory = tmp_path_factory.mktemp("wp_audio")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        t = np.arange(int(16000 * (0.6 + 0.1 * i))) / 16000
-        wav = 0.3 * np.sin(2 * np.pi * (120 + 40 * i) * t) + 0.05 * rng.standard_normal(len(t))
-        soundfile.write(directory / f"u{i}.wav", wav.astype(np.float32), 16000)
-    return directory
 
 
 def pruned(ckpt, *steps: dict) -> tuple[SpeechTransformer, Structure, object]:
@@ -148,12 +134,12 @@ def test_two_four_pattern_keeps_the_two_largest_of_every_four(hubert_ckpt):
 
 
 # ---------------------------------------------------------------------- exact zeros in training
-def test_pruned_weights_stay_exactly_zero_through_recovery_training(tmp_path, hubert_ckpt, speech):
+def test_pruned_weights_stay_exactly_zero_through_recovery_training(tmp_path, hubert_ckpt, audio_dir):
     model, _, base = pruned(hubert_ckpt, wp(sparsity=0.8, selection="per_layer"))
     before = {id(m): m.weight.detach().clone() for m in masked(model)}
     teacher = SpeechTransformer.from_state_dict(base.config, base.state_dict)
     # AdamW with weight decay and a high learning rate: pruned weights get exactly zero gradients
-    options = TrainOptions(audio=str(speech), steps=1, batch_size=2, max_seconds=0.6, lr=1e-2, weight_decay=0.1,
+    options = TrainOptions(audio=str(audio_dir), steps=1, batch_size=2, max_seconds=0.6, lr=1e-2, weight_decay=0.1,
                            warmup_steps=1)
     train_distillation(model, teacher, options, tmp_path / "train.pt")
     for m in masked(model):
@@ -161,7 +147,7 @@ def test_pruned_weights_stay_exactly_zero_through_recovery_training(tmp_path, hu
         assert not torch.equal(m.weight[m.mask], before[id(m)][m.mask])  # the kept weights did train
 
     # and through an iterative recipe with recovery, down to the delta and the rebuilt model
-    recovery = {"audio": str(speech), "steps": 1, "batch_size": 2, "max_seconds": 0.6, "lr": 1e-2}
+    recovery = {"audio": str(audio_dir), "steps": 1, "batch_size": 2, "max_seconds": 0.6, "lr": 1e-2}
     delta = run_recipe(parse_recipe({"base": str(hubert_ckpt), "steps": [
         wp(sparsity=0.5, recovery=recovery), wp(sparsity=0.8, recovery=recovery),
     ]}))
