@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Compressed Transformer speech upstreams (HuBERT, DistilHuBERT) for S3PRL/SUPERB",
     packages=find_packages(include=["upstream_compressed", "upstream_compressed.*"]),
-    package_data={"upstream_compressed": ["corpus/*.txt"]},
+    package_data={"upstream_compressed": ["corpus/*.txt", "embedded/checkpoints/*.pt", "embedded/checkpoints/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
@@ -22,6 +22,7 @@ setup(
         "joblib",
         "huggingface_hub<1.0",
         "transformers<5",
+        "espeakng-loader",  # espeak-ng library + data for make-corpus
     ],
     extras_require={"dev": ["pytest"]},
     entry_points={

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .embedded import bundled_checkpoint  # noqa: E402  (cheap: no torch)
+
+__all__ = ["bundled_checkpoint", "register"]
+
 
 def register() -> list[str]:
     """Add every upstream entry of this plugin to ``s3prl.hub`` and return their names."""

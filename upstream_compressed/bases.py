@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .embedded import BUNDLED, bundled_checkpoint
 from .model.config import DISTILLER, HUBERT
 
 # S3PRL's own download locations for the bases we support by name (converted formats, no fairseq).
@@ -44,8 +45,10 @@ def resolve_base(spec: str, relative_to: str | os.PathLike | None = None, refres
             path = candidate
     if path.is_file():
         return path.resolve()
+    if spec in BUNDLED:
+        return bundled_checkpoint(spec)
     if spec in KNOWN_BASES:
         return download_known_base(spec, refresh)
     raise FileNotFoundError(
-        f"base {spec!r} is neither an existing file nor a known name ({', '.join(sorted(KNOWN_BASES))})"
+        f"base {spec!r} is neither an existing file nor a known name ({', '.join(sorted([*KNOWN_BASES, *BUNDLED]))})"
     )

@@ -93,6 +93,38 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPERIMENT_HELP = """\
+Run a plan: make each model (compress its recipe into a delta, or take the base, fbank, a random-weight
+copy of the base), then train and test S3PRL's PR (-d ctc) and SID (-d voxceleb1) downstreams on it.
+Work already done (a delta, a result.json) is reused, so a killed run resumes where it stopped.
+Results land in EXPDIR/models/<model>/ and EXPDIR/downstream/<task>_<model>/result.json;
+`upstream-compressed report EXPDIR` turns them into the trade-off table and plots.
+
+  upstream-compressed experiment recipes/tiny/plan.yaml --expdir exp/tiny --jobs 2
+"""
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiments import PlanError, load_plan, run_plan
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks or any(t not in ("pr", "sid") for t in tasks):
+        raise PlanError(f"--tasks {args.tasks!r}: give a comma-separated subset of pr,sid")
+    plan = load_plan(args.plan, corpus=args.corpus)
+    try:
+        results = run_plan(
+            plan, Path(args.expdir), tasks, jobs=args.jobs, device=args.device, threads=args.threads,
+            models=args.models.split(",") if args.models else None,
+            steps={"pr": args.pr_steps, "sid": args.sid_steps}, progress=not args.quiet,
+        )
+    except RuntimeError as error:
+        print(f"upstream-compressed experiment: {error}", file=sys.stderr)
+        return 1
+    for result in sorted(results, key=lambda r: (r["task"], r["model"])):
+        print(f"{result['task']:<4} {result['model']:<24} test {result['metric']} {result['test']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,17 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("delta", help="a .safetensors delta")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(run=_inspect)
+
+    experiment = commands.add_parser(
+        "experiment", help="compress every model of a plan and score it with SUPERB PR and SID",
+        description=EXPERIMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    experiment.add_argument("plan", help="plan YAML: corpus, base, pr_config, sid_config, models")
+    experiment.add_argument("--expdir", required=True, help="output folder (models/, downstream/); reused to resume")
+    experiment.add_argument("--corpus", help="make-corpus folder (overrides the plan's corpus:)")
+    experiment.add_argument("--tasks", default="pr,sid", help="comma-separated subset of pr,sid (default both)")
+    experiment.add_argument("--models", help="comma-separated model names (default: all in the plan)")
+    experiment.add_argument("--jobs", type=int, default=1, help="downstream runs at a time (default 1)")
+    experiment.add_argument("--device", default="cpu", help="cpu or cuda for the downstream runs (default cpu)")
+    experiment.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
+    experiment.add_argument("--pr-steps", type=int, help="override the PR config's total_steps")
+    experiment.add_argument("--sid-steps", type=int, help="override the SID config's total_steps")
+    experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    experiment.set_defaults(run=_experiment)
+
+    from .embedded.commands import add_commands
+
+    add_commands(commands)  # make-corpus, pretrain
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .experiments import PlanError
     from .model.convert import CheckpointError
     from .recipe import RecipeError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DeltaError, RecipeError, CheckpointError, FileNotFoundError) as error:
+    except (DeltaError, RecipeError, CheckpointError, PlanError, FileNotFoundError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 

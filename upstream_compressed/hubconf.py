@@ -123,4 +123,6 @@ def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:
 def entries() -> dict[str, Callable[..., UpstreamExpert]]:
     """Every upstream entry of this plugin, by name."""
     named = {f"{f}_{t}": _named_entry(f, t) for f in FAMILIES for t in TECHNIQUES}
-    return {**named, "compressed_local": compressed_local}
+    from .embedded.hubconf import entries as embedded_entries
+
+    return {**named, "compressed_local": compressed_local, **embedded_entries()}

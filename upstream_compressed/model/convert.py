@@ -80,9 +80,12 @@ def load_base(path: str | os.PathLike) -> Converted:
         raise CheckpointError(f"{path} does not hold a checkpoint dictionary")
     fmt = detect_format(ckpt)
     try:
-        return from_hubert(ckpt) if fmt == HUBERT_FORMAT else from_distiller(ckpt)
+        converted = from_hubert(ckpt) if fmt == HUBERT_FORMAT else from_distiller(ckpt)
     except (KeyError, ValueError, SyntaxError) as error:
         raise CheckpointError(f"{path}: malformed {fmt} checkpoint: {error}") from error
+    # Half-precision storage (e.g. the bundled tiny HuBERT) runs in fp32, as S3PRL's loaders do.
+    converted.state_dict = {k: v.float() if v.is_floating_point() else v for k, v in converted.state_dict.items()}
+    return converted
 
 
 def _parse_conv_layers(spec: str | list) -> list[tuple[int, int, int]]:
