@@ -1,0 +1,336 @@
+"""A plan of models, each compressed and then scored by SUPERB PR and SID: the main job's engine.
+
+A plan (YAML) lists models; each is the base itself, a recipe compressed into a delta, an existing
+checkpoint, S3PRL's ``fbank`` baseline, or the base architecture with random weights::
+
+    corpus: ${CORPUS}                       # a make-corpus folder (LibriSpeech + VoxCeleb1 trees)
+    base: tiny_hubert                       # path or known/bundled name
+    pr_config: downstream_configs/ctc_libriphone_embedded.yaml
+    sid_config: downstream_configs/voxceleb1_embedded.yaml
+    models:
+      - {name: base, method: base, upstream: hubert_local}
+      - {name: heads50_l1, method: head_pruning, rate: 0.5, recipe: recipes/tiny/heads50_l1.yaml}
+      - {name: fbank, method: fbank, upstream: fbank}
+      - {name: random, method: random_init}
+
+Everything lands in EXPDIR in the layout ``upstream-compressed report`` reads::
+
+    EXPDIR/models/<model>/model.json          what the model is (method, rate, upstream, ckpt)
+    EXPDIR/models/<model>/delta.safetensors   for recipe models
+    EXPDIR/downstream/<task>_<model>/         S3PRL's expdir; result.json once tested
+
+Each stage skips work already done (a delta, a result.json), so a killed job resumes; downstream
+runs go in parallel (``jobs``), each in its own process with one CPU thread unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS_WITH_RECIPE = {"head_pruning", "row_pruning", "low_rank", "weight_pruning", "distillation", "kd_head_lr", "combined"}
+SPECIAL_METHODS = {"base", "fbank", "random_init", "checkpoint"}
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    method: str
+    rate: float | None = None
+    upstream: str | None = None
+    recipe: str | None = None
+    ckpt: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    key: str  # pr | sid
+    name: str  # PR | SID
+    downstream: str
+    metric: str  # as S3PRL's evaluate prints it: "test <metric>: <value>"
+
+
+TASKS = {
+    "pr": Task("pr", "PR", "ctc", "per"),
+    "sid": Task("sid", "SID", "voxceleb1", "acc"),
+}
+
+
+@dataclass
+class Plan:
+    path: Path
+    corpus: Path
+    base: str
+    configs: dict[str, Path]
+    models: list[ModelSpec]
+
+
+def _expand(value: str, where: str) -> str:
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    missing = re.findall(r"\$\{?(\w+)\}?", expanded)
+    if missing:
+        raise PlanError(f"{where}: environment variable {missing[0]} is not set (in {value!r})")
+    return expanded
+
+
+def _path(value: str, relative_to: Path, where: str) -> Path:
+    path = Path(_expand(value, where))
+    return path if path.is_absolute() else (relative_to / path)
+
+
+def load_plan(path: str | os.PathLike, corpus: str | None = None) -> Plan:
+    """Read and check a plan; ``corpus`` overrides the plan's ``corpus:``. Paths are relative to the repo root."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if corpus is None and "corpus" not in data:
+        raise PlanError(f"{path}: no 'corpus:' field and no --corpus given")
+    corpus_path = _path(corpus or str(data["corpus"]), REPO_ROOT, f"{path}: corpus")
+    configs = {}
+    for key in TASKS:
+        field = f"{key}_config"
+        if field not in data:
+            raise PlanError(f"{path}: missing '{field}' (the S3PRL downstream config for {TASKS[key].name})")
+        configs[key] = _path(data[field], REPO_ROOT, f"{path}: {field}")
+        if not configs[key].is_file():
+            raise PlanError(f"{path}: {field}: {configs[key]} does not exist")
+    models, names = [], set()
+    for index, entry in enumerate(data.get("models") or []):
+        where = f"{path}: models[{index}]"
+        if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
+            raise PlanError(f"{where}: each model needs 'name' and 'method'")
+        unknown = set(entry) - {f.name for f in ModelSpec.__dataclass_fields__.values()}
+        if unknown:
+            raise PlanError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        spec = ModelSpec(**entry)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name) or spec.name in names:
+            raise PlanError(f"{where}: name {spec.name!r} must be unique and use letters, digits, '_', '.', '-'")
+        names.add(spec.name)
+        if spec.method not in METHODS_WITH_RECIPE | SPECIAL_METHODS:
+            raise PlanError(f"{where}: unknown method {spec.method!r}")
+        if spec.method in METHODS_WITH_RECIPE:
+            if not spec.recipe:
+                raise PlanError(f"{where}: method {spec.method} needs 'recipe'")
+            recipe = _path(spec.recipe, REPO_ROOT, where)
+            if not recipe.is_file():
+                raise PlanError(f"{where}: recipe {recipe} does not exist")
+            spec = ModelSpec(**{**asdict(spec), "recipe": str(recipe)})
+        if spec.method == "checkpoint" and not (spec.ckpt and spec.upstream):
+            raise PlanError(f"{where}: method checkpoint needs 'upstream' and 'ckpt'")
+        models.append(spec)
+    if not models:
+        raise PlanError(f"{path}: 'models' is empty")
+    return Plan(path, corpus_path, str(data.get("base", "tiny_hubert")), configs, models)
+
+
+# ----------------------------------------------------------------------------------- models
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "upstream_compressed.cli", *args]
+
+
+def _run(command: list[str], log: Path, env: dict[str, str]) -> str:
+    """Run a command with its output in ``log``; on failure raise with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as file:
+        file.write("$ " + " ".join(command) + "\n")
+        file.flush()
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=file, stderr=subprocess.STDOUT, text=True)
+    output = log.read_text(errors="replace")
+    if result.returncode != 0:
+        raise RuntimeError(f"failed ({result.returncode}): {' '.join(command)}\nsee {log}; its end:\n{output[-2500:]}")
+    return output
+
+
+def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Make the model's checkpoint/delta if needed and write models/<name>/model.json."""
+    from .bases import resolve_base
+
+    folder = expdir / "models" / spec.name
+    info_file = folder / "model.json"
+    if info_file.is_file():
+        return json.loads(info_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {"model": spec.name, "method": spec.method, "rate": spec.rate, "recipe": spec.recipe}
+    if spec.method == "base":
+        info.update(upstream=spec.upstream or "hubert_local", ckpt=str(resolve_base(plan.base)))
+    elif spec.method == "fbank":
+        info.update(upstream=spec.upstream or "fbank", ckpt=None)
+    elif spec.method == "checkpoint":
+        info.update(upstream=spec.upstream, ckpt=str(_path(spec.ckpt, REPO_ROOT, spec.name)))
+    elif spec.method == "random_init":
+        base = resolve_base(plan.base)
+        target = folder / "random_init.pt"
+        _random_like(base, target)
+        info.update(upstream=spec.upstream or "hubert_local", ckpt=str(target))
+    else:
+        delta = folder / "delta.safetensors"
+        if not delta.is_file():
+            started = time.time()
+            _run(_cli("compress", spec.recipe, "-o", str(delta), "--work-dir", str(folder / "work")),
+                 folder / "compress.log", env)
+            info["compress_seconds"] = round(time.time() - started, 1)
+        info.update(upstream=spec.upstream or "compressed_local", ckpt=str(delta))
+    _write_json(info, info_file)
+    return info
+
+
+def _random_like(base: Path, target: Path) -> None:
+    """The base's architecture with the random weights it started from (same shape and seed), if its recipe says."""
+    from .embedded.pretrain import ModelShape, TrainOptions, pretrain, recipe_path
+
+    recipe_file = recipe_path(base)
+    if not recipe_file.is_file():
+        raise PlanError(f"random_init needs the base's pretraining recipe {recipe_file} (shape and seed)")
+    recipe = json.loads(recipe_file.read_text())
+    options = {k: v for k, v in recipe["train_options"].items() if k in TrainOptions.__dataclass_fields__}
+    pretrain(None, target, ModelShape(**recipe["model_shape"]), TrainOptions(**{**options, "device": "cpu"}),
+             init_only=True, command=["upstream-compressed", "pretrain", "--init-only"], progress=False)
+
+
+# ----------------------------------------------------------------------------------- downstream
+def corpus_override(task: Task, corpus: Path) -> str:
+    """S3PRL ``-o`` overrides that point a downstream config at a make-corpus corpus."""
+    if task.downstream == "ctc":
+        return (
+            f"config.downstream_expert.corpus.path={corpus / 'LibriSpeech'},,"
+            f"config.downstream_expert.corpus.lexicon={corpus / 'lexicon.txt'},,"
+            f"config.downstream_expert.text.vocab_file={corpus / 'phoneme.txt'}"
+        )
+    return (
+        f"config.downstream_expert.datarc.file_path={corpus / 'VoxCeleb1'},,"
+        f"config.downstream_expert.datarc.meta_data={corpus / 'VoxCeleb1' / 'iden_split.txt'}"
+    )
+
+
+def run_downstream(
+    task: Task, model: dict[str, Any], plan: Plan, expdir: Path, device: str, env: dict[str, str], steps: int | None
+) -> dict[str, Any]:
+    """Train the downstream, evaluate its dev-best checkpoint on test; downstream/<task>_<model>/result.json."""
+    folder = expdir / "downstream" / f"{task.key}_{model['model']}"
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if folder.exists():  # an unfinished run: S3PRL would refuse to reuse the folder, so start it again
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    config = yaml.safe_load(plan.configs[task.key].read_text())
+    override = corpus_override(task, plan.corpus)
+    if steps:
+        override += f",,config.runner.total_steps={steps}"
+        config["runner"]["total_steps"] = steps
+    upstream = ["-u", model["upstream"]] + (["-k", model["ckpt"]] if model.get("ckpt") else [])
+    runner = [sys.executable, "-m", "upstream_compressed.run_downstream", "--device", device]
+    started = time.time()
+    _run([*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
+          "-p", str(folder), "-o", override], folder / "train.log", env)
+    trained = time.time() - started
+    output = _run([*runner, "-m", "evaluate", "-e", str(folder / "dev-best.ckpt")], folder / "evaluate.log", env)
+    found = re.findall(rf"test {task.metric}: ([0-9.eE+-]+)", output)
+    if not found:
+        raise RuntimeError(f"no 'test {task.metric}' in {folder / 'evaluate.log'}")
+    dev = [float(v) for v in re.findall(rf"dev {task.metric}: ([0-9.eE+-]+)", (folder / "train.log").read_text(errors="replace"))]
+    better = min if task.metric == "per" else max
+    result = {
+        "task": task.name,
+        "model": model["model"],
+        "metric": task.metric,
+        "test": float(found[-1]),
+        "dev_best": better(dev) if dev else None,
+        "dev_history": dev,
+        "lr": config["optimizer"]["lr"],
+        "steps": config["runner"]["total_steps"],
+        "train_seconds": round(trained, 1),
+        "device": device,
+    }
+    for state in folder.glob("states-*.ckpt"):  # dev-best.ckpt stays for evaluation and submission
+        state.unlink()
+    _write_json(result, result_file)
+    return result
+
+
+def run_plan(
+    plan: Plan,
+    expdir: Path,
+    tasks: list[str],
+    *,
+    jobs: int = 1,
+    device: str = "cpu",
+    threads: int = 1,
+    models: list[str] | None = None,
+    steps: dict[str, int | None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Prepare every model, then run the downstream tasks; ``jobs`` processes at a time."""
+    if not (plan.corpus / "corpus.json").is_file() and not (plan.corpus / "LibriSpeech").is_dir():
+        raise PlanError(f"corpus {plan.corpus} not found: make it with `upstream-compressed make-corpus {plan.corpus}`")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(expdir / "voxceleb1_cache"),
+        "CORPUS": str(plan.corpus),  # recipes name their audio as ${CORPUS}/...
+    }
+    selected = [m for m in plan.models if models is None or m.name in models]
+    if models is not None and len(selected) != len(set(models)):
+        known = ", ".join(m.name for m in plan.models)
+        raise PlanError(f"--models names {sorted(set(models) - {m.name for m in selected})} not in the plan ({known})")
+    # In-process models (base, fbank, random weights) first, then compressions in parallel subprocesses.
+    prepared = {m.name: prepare_model(m, plan, expdir, env) for m in selected if m.method in SPECIAL_METHODS}
+    failures = _parallel(
+        {m.name: (prepare_model, m, plan, expdir, env) for m in selected if m.method not in SPECIAL_METHODS},
+        jobs, "compress", progress, prepared,
+    )
+    prepared = {m.name: prepared[m.name] for m in selected if m.name in prepared}  # plan order
+    work = {f"{t} {name}": (run_downstream, TASKS[t], model, plan, expdir, device, env, (steps or {}).get(t))
+            for name, model in prepared.items() for t in tasks}
+    results: dict[str, Any] = {}
+    failures += _parallel(work, jobs, "downstream", progress, results)
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed (the others are done and kept):\n" + "\n".join(failures))
+    return list(results.values())
+
+
+def _parallel(work: dict[str, tuple], jobs: int, what: str, progress: bool, results: dict[str, Any]) -> list[str]:
+    """Run ``work`` (name -> (function, *args)) ``jobs`` at a time into ``results``; return the failures."""
+    from tqdm import tqdm
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(function, *args): name for name, (function, *args) in work.items()}
+        bar = tqdm(total=len(futures), desc=what, unit="run", disable=not progress or not futures)
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                results[name] = future.result()
+                summary = {k: results[name][k] for k in ("task", "model", "test", "train_seconds") if k in results[name]}
+                bar.write(f"done {what} {name} {json.dumps(summary) if summary else ''}")
+            except Exception as error:  # one broken run must not lose the others
+                failures.append(f"{what} {name}: {error}")
+                bar.write(f"FAILED {what} {name}: {str(error)[:800]}")
+            bar.update()
+        bar.close()
+    return failures
