@@ -18,3 +18,24 @@ def max_valid_difference(a: torch.Tensor, b: torch.Tensor, padding_mask: torch.T
     """Largest |a - b| over valid (non-padded) frames."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs()[~padding_mask].max().item()
+
+
+TRAINING_KEYS = ("steps", "batch_size", "max_seconds", "checkpoint_every", "max_utterances")
+
+
+def shrink_recipe_steps(recipe_steps: list[dict], /, **sizes) -> list[dict]:
+    """A recipe's steps with every training run and data-driven scoring cut to ``sizes`` (for tests).
+
+    Only keys a step already has are changed (``steps=1, batch_size=2, ...``), in the step and its
+    ``recovery``; the structure the recipe produces does not depend on them.
+    """
+    def shrink(options: dict) -> dict:
+        return {k: (sizes[k] if k in sizes and k in TRAINING_KEYS else v) for k, v in options.items()}
+
+    shrunk = []
+    for step in recipe_steps:
+        step = shrink(step)
+        if "recovery" in step:
+            step["recovery"] = shrink(step["recovery"])
+        shrunk.append(step)
+    return shrunk

@@ -41,6 +41,24 @@ def test_relative_base_path_resolves_against_the_recipe(tmp_path, hubert_ckpt):
     assert main(["compress", recipe, "-o", str(tmp_path / "d.safetensors")]) == 0
 
 
+def test_base_option_replaces_the_recipes_base(tmp_path, hubert_ckpt, capsys, monkeypatch):
+    recipe = write_recipe(tmp_path, {"base": "tiny_hubert_not_here", "steps": []})
+    out = tmp_path / "d.safetensors"
+    monkeypatch.chdir(hubert_ckpt.parent)  # a relative --base is taken from the current directory
+    assert main(["compress", recipe, "--base", hubert_ckpt.name, "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["base"]["path"] == str(hubert_ckpt.resolve())
+
+
+def test_a_missing_relative_audio_folder_names_the_current_directory(tmp_path, hubert_ckpt, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    step = {"method": "row_pruning", "ratio": 0.5, "recovery": {"audio": "data/no_such_corpus", "steps": 1}}
+    recipe = write_recipe(tmp_path, {"base": str(hubert_ckpt), "steps": [step]})
+    assert main(["compress", recipe, "-o", str(tmp_path / "d.safetensors")]) == 2
+    assert f"relative paths are taken from the current directory, {tmp_path}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "recipe,message",
     [

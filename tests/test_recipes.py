@@ -1,15 +1,80 @@
-"""Every recipe shipped under recipes/ is valid."""
+"""Every recipe shipped under recipes/ is valid; the tiny ones run on a tiny base from the repository root."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 
-from upstream_compressed.recipe import load_recipe
+from helpers import shrink_recipe_steps
+from upstream_compressed.compress import run_recipe
+from upstream_compressed.recipe import load_recipe, parse_recipe, technique_name
+from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+TINY = sorted((REPO / "recipes" / "tiny").glob("*.yaml"))
+TINY_AUDIO = "data/embedded_corpus/LibriSpeech/train-clean-100"  # relative to the repository root
+# recipe -> the technique (upstream hubert_<technique>) it must produce
+TINY_TECHNIQUES = {
+    "kd": "kd", "kd_logits": "kd", "kd_head_lr": "kd_head_lr",
+    "heads50_l1": "headpruned", "heads50_data_driven": "headpruned", "heads50_random": "headpruned",
+    "rows50": "rowpruned", "lowrank50": "lowrank", "wp50": "weightpruned", "wp70": "weightpruned",
+    "wp90": "weightpruned",
+}
+FULL = {"heads50", "rows50", "lowrank50", "kd", "kd_head_lr"}
+
+
+def test_the_shipped_sets_are_complete():
+    assert {p.stem for p in TINY} == set(TINY_TECHNIQUES)
+    assert {p.stem for p in (REPO / "recipes" / "full").glob("*.yaml")} == FULL
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_recipe_is_valid(path):
     recipe = load_recipe(path)
     assert recipe.steps
+    if path.parent.name == "tiny":
+        assert recipe.base == "tiny_hubert"
+        assert technique_name(recipe.steps) == TINY_TECHNIQUES[path.stem]
+        audio = {s.get("audio") for s in recipe.steps} | {s.get("recovery", {}).get("audio") for s in recipe.steps}
+        assert audio - {None} == {TINY_AUDIO}
+
+
+@pytest.fixture(scope="module")
+def repo_like_root(tmp_path_factory, audio_dir):
+    """A folder laid out like the repository root: the tiny recipes' audio path exists below it."""
+    root = tmp_path_factory.mktemp("root")
+    shutil.copytree(audio_dir, root / TINY_AUDIO)
+    return root
+
+
+@pytest.fixture(scope="module")
+def four_layer_base(tmp_path_factory):
+    return make_hubert_checkpoint(tmp_path_factory.mktemp("base") / "base.pt", layers=4)
+
+
+@pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
+def test_tiny_recipe_runs_from_the_repository_root(path, repo_like_root, four_layer_base, monkeypatch):
+    """Each tiny recipe, with its base replaced by a 4-layer test checkpoint and its training cut to a step."""
+    monkeypatch.chdir(repo_like_root)
+    recipe = load_recipe(path, base=str(four_layer_base))
+    steps = shrink_recipe_steps(recipe.steps, steps=1, batch_size=2, max_seconds=1.0, max_utterances=4)
+    delta = run_recipe(parse_recipe({"base": recipe.base, "steps": steps}))
+    assert delta.technique == TINY_TECHNIQUES[path.stem]
+    assert delta.manifest["params"]["compressed"] <= delta.manifest["params"]["base"]
+
+
+def test_kd_head_lr_ends_at_about_the_size_of_kd(tmp_path, repo_like_root, monkeypatch):
+    """On the bundled tiny HuBERT's shape (4 layers, 256 dims, 4 heads, FFN 1024), as the recipes state."""
+    base = make_hubert_checkpoint(tmp_path / "tiny_shape.pt", layers=4, dim=256, ffn=1024, heads=4,
+                                  conv_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(128,2,2)] * 2",
+                                  conv_pos=64, conv_pos_groups=16)
+    monkeypatch.chdir(repo_like_root)
+    params = {}
+    for name in ("kd", "kd_head_lr"):
+        recipe = load_recipe(REPO / "recipes" / "tiny" / f"{name}.yaml", base=str(base))
+        steps = shrink_recipe_steps(recipe.steps, steps=1, batch_size=1, max_seconds=0.5, max_utterances=2)
+        params[name] = run_recipe(parse_recipe({"base": recipe.base, "steps": steps})).manifest["params"]
+    kd, combined = params["kd"]["compressed"], params["kd_head_lr"]["compressed"]
+    assert abs(combined - kd) < 0.01 * kd
+    assert kd < 0.65 * params["kd"]["base"]

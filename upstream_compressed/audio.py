@@ -15,7 +15,9 @@ def list_audio(directory: str | os.PathLike) -> list[Path]:
     """Every .wav/.flac file below ``directory``, sorted (so runs are reproducible)."""
     directory = Path(os.path.expandvars(os.path.expanduser(str(directory))))
     if not directory.is_dir():
-        raise FileNotFoundError(f"audio directory {directory} does not exist (set the variables it names?)")
+        hint = ("set the variables it names?" if directory.is_absolute()
+                else f"relative paths are taken from the current directory, {Path.cwd()}")
+        raise FileNotFoundError(f"audio directory {directory} does not exist ({hint})")
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise FileNotFoundError(f"no .wav or .flac files below {directory}")

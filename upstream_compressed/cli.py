@@ -28,7 +28,10 @@ def _compress(args: argparse.Namespace) -> int:
     from .delta import write_delta
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    base = args.base
+    if base is not None and Path(os.path.expandvars(base)).exists():
+        base = str(Path(os.path.expandvars(base)).resolve())  # a path on the command line is relative to here
+    recipe = load_recipe(args.recipe, base=base)
     work_dir = Path(args.work_dir or f"{args.output}.work")
     delta = run_recipe(recipe, refresh=args.refresh, work_dir=work_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one process writes
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="run a recipe on its base and write a delta")
     compress.add_argument("recipe", help="YAML recipe: `base:` (path or known name) and `steps:`")
     compress.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
+    compress.add_argument("--base", help="use this base instead of the recipe's `base:` (a checkpoint path or a "
+                          "known name); the delta records the one used")
     compress.add_argument("--refresh", action="store_true", help="download a known base again")
     compress.add_argument("--work-dir", help="where recovery training keeps checkpoints so a killed run resumes "
                           "(default: OUTPUT.work; removed after success)")

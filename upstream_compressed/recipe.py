@@ -96,7 +96,8 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     return Recipe(base=base, steps=steps, source=Path(source) if source else None)
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def load_recipe(path: str | os.PathLike, base: str | None = None) -> Recipe:
+    """Read and validate a recipe file; ``base`` (a path or known name) replaces the recipe's own base."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
@@ -104,4 +105,6 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path} is not valid YAML: {error}") from error
+    if base is not None and isinstance(data, dict):
+        data = {**data, "base": base}
     return parse_recipe(data, path)

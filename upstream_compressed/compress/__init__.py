@@ -22,7 +22,8 @@ from ..model import ModelConfig, SpeechTransformer
 from ..model.convert import Converted, load_base
 from ..recipe import Recipe, RecipeError, technique_name
 from ..profile import count_macs
-from ..train.distill import TrainOptions, save_checkpoint, train_distillation
+from ..train.cluster_head import NoClusterHeadError, cluster_head_of
+from ..train.distill import CLUSTER_KL, TrainOptions, save_checkpoint, train_distillation
 
 @dataclass
 class StepContext:
@@ -75,8 +76,21 @@ def _restore_snapshot(work_dir: Path, base_sha: str, steps: list[dict[str, Any]]
 def _recover(model: SpeechTransformer, base: Converted, options: dict[str, Any], checkpoint: Path, label: str) -> None:
     """Recovery training: distil the uncompressed base into the compressed model (no labels)."""
     teacher = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    train_distillation(model, teacher, TrainOptions.from_dict(options), checkpoint, description=label)
+    train_options = TrainOptions.from_dict(options)
+    head = cluster_head_of(base, train_options.logit_temperature) if train_options.objective == CLUSTER_KL else None
+    train_distillation(model, teacher, train_options, checkpoint, description=label, teacher_head=head)
     model.cpu().eval()
+
+
+def _check_cluster_heads(recipe: Recipe, base: Converted) -> None:
+    """Refuse ``objective: cluster_kl`` before any work when the base has no cluster head to learn from."""
+    for i, step in enumerate(recipe.steps):
+        for where, options in ((f"steps[{i}]", step), (f"steps[{i}].recovery", step.get("recovery") or {})):
+            if options.get("objective") == CLUSTER_KL:
+                try:
+                    cluster_head_of(base)
+                except NoClusterHeadError as error:
+                    raise RecipeError(f"{where}.objective: {error}") from error
 
 
 def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | None = None) -> Delta:
@@ -93,6 +107,7 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
         layers = step.get("layers") or []
         if any(layer >= base.config.num_layers for layer in layers):
             raise RecipeError(f"steps[{i}].layers: {layers} names a layer beyond the base's {base.config.num_layers}")
+    _check_cluster_heads(recipe, base)
 
     with tempfile.TemporaryDirectory(prefix="upstream_compressed_") as scratch:
         work = Path(work_dir) if work_dir is not None else Path(scratch)

@@ -6,7 +6,14 @@ model (the teacher) on unlabelled audio:
 - ``variant: heads`` (default): prediction heads on the last student layer predict teacher layers
   ``pred_layers`` (default: a third, two thirds and all of the teacher's depth, i.e. 4, 8, 12 for
   12 layers), L1 + cosine per head;
-- ``variant: layer_to_layer``: student layer i mimics teacher layer k·i (k = teacher / student depth).
+- ``variant: layer_to_layer``: student layer i mimics teacher layer k·i (k = teacher / student depth);
+- ``objective: cluster_kl`` (logit distillation, as in the MelHuBERT compression study; no
+  ``variant``): the student, without prediction heads, learns the teacher's cluster posteriors,
+  KL(teacher || student) with HuBERT's cosine logits / ``logit_temperature`` (default the
+  checkpoint's ``logit_temp``, 0.1). It needs a base with HuBERT's cluster head (``final_proj``,
+  ``label_embs_concat``). The student trains its own copy of that head, initialised from the
+  base's; the copy is training-only (kept in the training checkpoint for resuming, not in the
+  student model, its hidden states or the delta).
 Training options are those of recovery (``audio``, ``steps``, ``lr``, ``batch_size``, ...).
 """
 
@@ -18,9 +25,10 @@ from typing import Any
 from ..delta import Structure
 from ..model import SpeechTransformer
 from ..recipe import STEP_VALIDATORS, RecipeError
-from ..train.distill import TrainOptions, train_distillation
+from ..train.cluster_head import cluster_head_of
+from ..train.distill import CLUSTER_KL, TrainOptions, train_distillation
 from . import STEPS, StepContext
-from .options import check_choice, check_training_options
+from .options import check_choice, check_objective, check_training_options
 
 VARIANTS = ("heads", "layer_to_layer")
 STEP_OPTIONS = ("student_layers", "pred_layers", "variant")
@@ -42,6 +50,11 @@ def validate(step: dict[str, Any], where: str) -> None:
         raise RecipeError(f"{where}.pred_layers: expected a list of teacher layer numbers (1-based), got {pred!r}")
     check_choice(step, where, "variant", VARIANTS, "heads")
     check_training_options(_training_options(step), where)
+    if check_objective(step, where) == CLUSTER_KL:
+        for name in ("variant", "pred_layers"):
+            if name in step:
+                raise RecipeError(f"{where}.{name}: objective cluster_kl trains the student's encoder output only "
+                                  f"(no prediction heads or layer pairs); remove `{name}`")
 
 
 def default_pred_layers(teacher_layers: int) -> list[int]:
@@ -56,9 +69,16 @@ def distill(
     if student_layers > teacher_layers:
         raise ValueError(f"student_layers {student_layers} exceeds the teacher's {teacher_layers} layers")
     variant = step.get("variant", "heads")
+    options = TrainOptions.from_dict(_training_options(step))
     config = copy.deepcopy(teacher.config)
     config.layers = config.layers[:student_layers]
-    if variant == "heads":
+    teacher_head, pairs = None, None
+    if options.objective == CLUSTER_KL:
+        # The cluster head is the base's (no step changes it); the teacher is the current model,
+        # which earlier steps may have compressed.
+        teacher_head = cluster_head_of(context.base, options.logit_temperature)
+        config.pred_layer_id = []
+    elif variant == "heads":
         pred_layers = step.get("pred_layers") or default_pred_layers(teacher_layers)
         if max(pred_layers) > teacher_layers:
             raise ValueError(f"pred_layers {pred_layers} name layers beyond the teacher's {teacher_layers}")
@@ -78,9 +98,10 @@ def distill(
     inherited = {k: v for k, v in teacher.state_dict().items() if k in student.state_dict()
                  and not k.startswith("prediction_heads.")}
     student.load_state_dict(inherited, strict=False)
-    options = TrainOptions.from_dict({**_training_options(step), "pairs": pairs})
+    if pairs is not None:
+        options = TrainOptions.from_dict({**_training_options(step), "pairs": pairs})
     train_distillation(student, teacher, options, context.work_dir / f"step-{context.index}-training.pt",
-                       description=f"{context.label} distillation")
+                       description=f"{context.label} distillation", teacher_head=teacher_head)
     student.cpu().eval()
     return student, Structure(structure.layers[:student_layers])
 

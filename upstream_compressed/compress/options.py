@@ -79,6 +79,27 @@ def check_training_options(options: Any, where: str) -> None:
             raise RecipeError(f"{where}.{name}: expected a positive integer, got {value!r}")
     if isinstance(parsed.lr, bool) or not isinstance(parsed.lr, (int, float)) or parsed.lr <= 0:
         raise RecipeError(f"{where}.lr: expected a positive number, got {parsed.lr!r}")
+    check_objective(options, where)
+
+
+def check_objective(options: dict[str, Any], where: str) -> str:
+    """``objective``: hidden_states (L1 + cosine on state pairs) or cluster_kl (KL on cluster posteriors)."""
+    from ..train.distill import CLUSTER_KL, HIDDEN_STATES, OBJECTIVES
+
+    objective = check_choice(options, where, "objective", OBJECTIVES, HIDDEN_STATES)
+    if objective == CLUSTER_KL:
+        for name in ("pairs", "cosine_weight"):
+            if name in options:
+                raise RecipeError(f"{where}.{name}: applies to objective hidden_states only; cluster_kl compares "
+                                  "the cluster posteriors of the encoder outputs")
+        temperature = options.get("logit_temperature")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                        or temperature <= 0):
+            raise RecipeError(f"{where}.logit_temperature: expected a positive number (HuBERT uses 0.1), "
+                              f"got {temperature!r}")
+    elif "logit_temperature" in options:
+        raise RecipeError(f"{where}.logit_temperature: applies to objective cluster_kl only")
+    return objective
 
 
 PRUNING_CRITERIA = ("l1", "data_driven", "random")

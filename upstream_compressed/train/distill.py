@@ -1,8 +1,12 @@
-"""Distillation training: a student learns to reproduce a teacher's hidden states, with no labels.
+"""Distillation training: a student learns to reproduce a teacher, with no labels.
 
-The loss per (student state, teacher state) pair is DistilHuBERT's: L1 plus a cosine term
-``-log sigmoid(cos)``, over valid frames. Used for recovery after compression (teacher = the
-uncompressed model) and for training distilled students.
+Two objectives (``TrainOptions.objective``):
+- ``hidden_states`` (default): per (student state, teacher state) pair, DistilHuBERT's L1 plus a
+  cosine term ``-log sigmoid(cos)``, over valid frames;
+- ``cluster_kl``: logit distillation, KL(teacher || student) of HuBERT's cluster posteriors on the
+  encoder outputs (see :mod:`.cluster_head`); needs the teacher's cluster head.
+Used for recovery after compression (teacher = the uncompressed model) and for training distilled
+students.
 
 Production concerns live here too: a progress bar, checkpoints written atomically every K steps,
 ``resume`` after a kill that continues to the same weights (the batches depend only on the step,
@@ -12,6 +16,7 @@ launched by ``torchrun`` (each process takes its own slice of every step's batch
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -22,12 +27,16 @@ from typing import Any, Callable
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..delta import atomic_write_bytes
 from ..model import SpeechTransformer
+from .cluster_head import ClusterHead, cluster_kl_loss
 from .data import AudioBatches
+
+HIDDEN_STATES, CLUSTER_KL = "hidden_states", "cluster_kl"
+OBJECTIVES = (HIDDEN_STATES, CLUSTER_KL)
 
 
 @dataclass
@@ -50,6 +59,8 @@ class TrainOptions:
     freeze_front_end: bool = False
     amp: bool = True  # autocast on CUDA only
     device: str = "auto"
+    objective: str = HIDDEN_STATES  # or cluster_kl (logit distillation)
+    logit_temperature: float | None = None  # cluster_kl: cos / temperature; default the teacher's logit_temp (0.1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
@@ -89,6 +100,23 @@ def default_pairs(student: SpeechTransformer, teacher: SpeechTransformer) -> lis
         f"student has {student.config.num_hidden_states} hidden states and the teacher "
         f"{teacher.config.num_hidden_states}: give `pairs: [[student, teacher], ...]`"
     )
+
+
+class _Trainee(nn.Module):
+    """The student plus, for cluster_kl, its training-only cluster head: one module for DDP.
+
+    The head's logits are computed inside ``forward`` so that DistributedDataParallel sees its
+    parameters used and averages their gradients like the student's.
+    """
+
+    def __init__(self, student: SpeechTransformer, head: ClusterHead | None) -> None:
+        super().__init__()
+        self.student, self.head = student, head
+
+    def forward(self, wavs: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        states, padding_mask = self.student(wavs, lengths)
+        logits = self.head(states[self.student.config.num_layers]) if self.head is not None else None
+        return states, padding_mask, logits
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -159,11 +187,18 @@ def train_distillation(
     checkpoint_path: str | os.PathLike,
     description: str = "distilling",
     stop_after: Callable[[int], bool] | None = None,
+    teacher_head: ClusterHead | None = None,
 ) -> TrainResult:
     """Train ``student`` in place to match ``teacher``; resumes from ``checkpoint_path`` if it exists.
 
+    ``teacher_head`` (objective cluster_kl): the teacher's cluster head; the student trains a copy of
+    it, which is saved in the checkpoint but not returned (it is not part of the student model).
     ``stop_after(step)`` (tests) ends the run early after that step's checkpoint logic.
     """
+    if options.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {options.objective!r}; known: {OBJECTIVES}")
+    if options.objective == CLUSTER_KL and teacher_head is None:
+        raise ValueError("objective cluster_kl needs the teacher's cluster head (teacher_head)")
     started = time.perf_counter()
     checkpoint_path = Path(checkpoint_path)
     device = pick_device(options.device)
@@ -175,13 +210,20 @@ def train_distillation(
     if options.freeze_front_end:
         student.feature_extractor.requires_grad_(False)
 
-    pairs = options.pairs if options.pairs is not None else default_pairs(student, teacher)
+    student_head = None
+    if options.objective == CLUSTER_KL:
+        teacher_head = teacher_head.to(device).eval().requires_grad_(False)
+        student_head = copy.deepcopy(teacher_head).requires_grad_(True).train()
+        pairs: list[list[int]] = []
+    else:
+        pairs = options.pairs if options.pairs is not None else default_pairs(student, teacher)
     for s, t in pairs:
         if not (0 <= s < student.config.num_hidden_states and 0 <= t < teacher.config.num_hidden_states):
             raise ValueError(f"pair {[s, t]} names a hidden state that does not exist")
+    trainee = _Trainee(student, student_head)
 
     data = AudioBatches(options.audio, options.batch_size, options.max_seconds, options.seed)
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    trainable = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     warmup = options.warmup_steps if options.warmup_steps is not None else max(1, options.steps // 10)
 
@@ -202,15 +244,17 @@ def train_distillation(
                 f"{checkpoint_path} was written with other training options; delete it to start afresh"
             )
         student.load_state_dict(state["student"])
+        if student_head is not None:
+            student_head.load_state_dict(state["cluster_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, history = state["step"], list(state["history"])
         _set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"], device)
 
-    model: torch.nn.Module = student
+    model: torch.nn.Module = trainee
     if dist.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+            trainee, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     use_amp = options.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -229,8 +273,13 @@ def train_distillation(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 with torch.no_grad():
                     target, _ = teacher(wavs, lengths)
-                states, padding_mask = model(wavs, lengths)
-                loss = distillation_loss(states, target, pairs, padding_mask, options.cosine_weight)
+                states, padding_mask, logits = model(wavs, lengths)
+                if student_head is not None:
+                    with torch.no_grad():
+                        target_logits = teacher_head(target[teacher.config.num_layers])
+                    loss = cluster_kl_loss(logits, target_logits, padding_mask)
+                else:
+                    loss = distillation_loss(states, target, pairs, padding_mask, options.cosine_weight)
             scaler.scale(loss / options.grad_accumulation).backward()
             loss_value += loss.item() / options.grad_accumulation
             utterances += len(lengths)
@@ -257,11 +306,12 @@ def train_distillation(
                     "student": student.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "history": history,
                     "rng": rng, "options": asdict(options),
+                    **({"cluster_head": student_head.state_dict()} if student_head is not None else {}),
                 })
             if dist.world_size > 1:
                 torch_dist.barrier()
         if stop_after is not None and stop_after(done):
             break
     progress.close()
-    student.eval()
+    student.eval()  # the student's cluster head (cluster_kl) stays behind: only the checkpoint keeps it
     return TrainResult(len(history), loss_value, start_step, time.perf_counter() - started, history)
