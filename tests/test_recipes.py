@@ -18,8 +18,11 @@ TINY_AUDIO = "data/embedded_corpus/LibriSpeech/train-clean-100"  # relative to t
 TINY_TECHNIQUES = {
     "kd": "kd", "kd_logits": "kd", "kd_head_lr": "kd_head_lr",
     "heads50_l1": "headpruned", "heads50_data_driven": "headpruned", "heads50_random": "headpruned",
-    "rows50": "rowpruned", "lowrank50": "lowrank", "wp50": "weightpruned", "wp70": "weightpruned",
-    "wp90": "weightpruned",
+    "heads50_l1_norecovery": "headpruned", "heads50_data_driven_norecovery": "headpruned",
+    "heads50_random_norecovery": "headpruned", "heads25_data_driven": "headpruned", "heads75_data_driven": "headpruned",
+    "rows25": "rowpruned", "rows50": "rowpruned", "rows75": "rowpruned",
+    "lowrank25": "lowrank", "lowrank50": "lowrank", "lowrank75": "lowrank",
+    "wp50": "weightpruned", "wp70": "weightpruned", "wp90": "weightpruned",
 }
 FULL = {"heads50", "rows50", "lowrank50", "kd", "kd_head_lr"}
 

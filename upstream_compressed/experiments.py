@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-METHODS_WITH_RECIPE = {"head_pruning", "row_pruning", "low_rank", "weight_pruning", "distillation", "kd_head_lr", "combined"}
+# Models without a recipe; any other method is a label (the report draws one line per label) on a recipe.
 SPECIAL_METHODS = {"base", "fbank", "random_init", "checkpoint"}
 
 
@@ -123,11 +123,12 @@ def load_plan(path: str | os.PathLike, corpus: str | None = None) -> Plan:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name) or spec.name in names:
             raise PlanError(f"{where}: name {spec.name!r} must be unique and use letters, digits, '_', '.', '-'")
         names.add(spec.name)
-        if spec.method not in METHODS_WITH_RECIPE | SPECIAL_METHODS:
-            raise PlanError(f"{where}: unknown method {spec.method!r}")
-        if spec.method in METHODS_WITH_RECIPE:
+        if spec.method in SPECIAL_METHODS and spec.recipe:
+            raise PlanError(f"{where}: method {spec.method} takes no 'recipe'")
+        if spec.method not in SPECIAL_METHODS:
             if not spec.recipe:
-                raise PlanError(f"{where}: method {spec.method} needs 'recipe'")
+                raise PlanError(f"{where}: method {spec.method!r} needs 'recipe' (or use one of "
+                                f"{', '.join(sorted(SPECIAL_METHODS))})")
             recipe = _path(spec.recipe, REPO_ROOT, where)
             if not recipe.is_file():
                 raise PlanError(f"{where}: recipe {recipe} does not exist")
@@ -243,6 +244,8 @@ def run_downstream(
         override += f",,config.runner.total_steps={steps}"
         config["runner"]["total_steps"] = steps
     upstream = ["-u", model["upstream"]] + (["-k", model["ckpt"]] if model.get("ckpt") else [])
+    # S3PRL writes voxceleb1's file-list cache non-atomically: one cache per run, so parallel runs never race.
+    env = {**env, "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(folder / "voxceleb1_cache")}
     runner = [sys.executable, "-m", "upstream_compressed.run_downstream", "--device", device]
     started = time.time()
     _run([*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
@@ -284,53 +287,63 @@ def run_plan(
     steps: dict[str, int | None] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Prepare every model, then run the downstream tasks; ``jobs`` processes at a time."""
+    """Prepare every model and run its downstream tasks; ``jobs`` processes at a time."""
+    from tqdm import tqdm
+
     if not (plan.corpus / "corpus.json").is_file() and not (plan.corpus / "LibriSpeech").is_dir():
         raise PlanError(f"corpus {plan.corpus} not found: make it with `upstream-compressed make-corpus {plan.corpus}`")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(expdir / "voxceleb1_cache"),
         "CORPUS": str(plan.corpus),  # recipes name their audio as ${CORPUS}/...
     }
     selected = [m for m in plan.models if models is None or m.name in models]
     if models is not None and len(selected) != len(set(models)):
         known = ", ".join(m.name for m in plan.models)
         raise PlanError(f"--models names {sorted(set(models) - {m.name for m in selected})} not in the plan ({known})")
-    # In-process models (base, fbank, random weights) first, then compressions in parallel subprocesses.
+    # In-process models (base, fbank, random weights) first; compressions run as subprocesses, and each
+    # model's downstream runs start as soon as it is ready (one pool of ``jobs`` workers for both).
     prepared = {m.name: prepare_model(m, plan, expdir, env) for m in selected if m.method in SPECIAL_METHODS}
-    failures = _parallel(
-        {m.name: (prepare_model, m, plan, expdir, env) for m in selected if m.method not in SPECIAL_METHODS},
-        jobs, "compress", progress, prepared,
-    )
-    prepared = {m.name: prepared[m.name] for m in selected if m.name in prepared}  # plan order
-    work = {f"{t} {name}": (run_downstream, TASKS[t], model, plan, expdir, device, env, (steps or {}).get(t))
-            for name, model in prepared.items() for t in tasks}
     results: dict[str, Any] = {}
-    failures += _parallel(work, jobs, "downstream", progress, results)
+    failures: list[str] = []
+    bar = tqdm(total=len(selected) - len(prepared) + len(selected) * len(tasks), desc="runs", unit="run",
+               disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending: dict[Future, tuple[str, str]] = {}
+
+        def submit_downstream(model: dict[str, Any]) -> None:
+            for t in tasks:
+                future = pool.submit(run_downstream, TASKS[t], model, plan, expdir, device, env, (steps or {}).get(t))
+                pending[future] = ("downstream", f"{t}_{model['model']}")
+
+        for model in prepared.values():
+            submit_downstream(model)
+        for spec in selected:
+            if spec.method not in SPECIAL_METHODS:
+                pending[pool.submit(prepare_model, spec, plan, expdir, env)] = ("compress", spec.name)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                what, name = pending.pop(future)
+                try:
+                    value = future.result()
+                except Exception as error:  # one broken run must not lose the others
+                    failures.append(f"{what} {name}: {error}")
+                    bar.write(f"FAILED {what} {name}: {str(error)[:800]}")
+                    if what == "compress":
+                        bar.update(len(tasks))  # its downstream runs will not happen
+                else:
+                    if what == "compress":
+                        prepared[name] = value
+                        submit_downstream(value)
+                        bar.write(f"done compress {name}")
+                    else:
+                        results[name] = value
+                        bar.write(f"done {value['task']} {value['model']}: test {value['metric']} {value['test']:.4f}"
+                                  f" ({value['train_seconds']:.0f} s)")
+                bar.update()
+    bar.close()
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (the others are done and kept):\n" + "\n".join(failures))
     return list(results.values())
-
-
-def _parallel(work: dict[str, tuple], jobs: int, what: str, progress: bool, results: dict[str, Any]) -> list[str]:
-    """Run ``work`` (name -> (function, *args)) ``jobs`` at a time into ``results``; return the failures."""
-    from tqdm import tqdm
-
-    failures = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(function, *args): name for name, (function, *args) in work.items()}
-        bar = tqdm(total=len(futures), desc=what, unit="run", disable=not progress or not futures)
-        for future in as_completed(futures):
-            name = futures[future]
-            try:
-                results[name] = future.result()
-                summary = {k: results[name][k] for k in ("task", "model", "test", "train_seconds") if k in results[name]}
-                bar.write(f"done {what} {name} {json.dumps(summary) if summary else ''}")
-            except Exception as error:  # one broken run must not lose the others
-                failures.append(f"{what} {name}: {error}")
-                bar.write(f"FAILED {what} {name}: {str(error)[:800]}")
-            bar.update()
-        bar.close()
-    return failures
