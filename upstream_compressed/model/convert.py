@@ -91,7 +91,7 @@ def load_base(path: str | os.PathLike, mean_std: str | os.PathLike | None = None
     fmt = detect_format(ckpt)
     if mean_std is not None and fmt != MELHUBERT_FORMAT:
         raise CheckpointError(f"{path} is a {fmt} checkpoint; a fbank mean/std file applies only to MelHuBERT")
-    stats = mean_std if mean_std is not None else find_mean_std(path)
+    stats = mean_std if mean_std is not None else (find_mean_std(path) if fmt == MELHUBERT_FORMAT else None)
     if fmt == MELHUBERT_FORMAT and stats is None:
         raise CheckpointError(
             f"MelHuBERT checkpoint {path} needs its fbank mean/std file (the .npy MelHuBERT's upstream "
