@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .embedded import BUNDLED, bundled_checkpoint
-from .model.config import DISTILLER, HUBERT
+from .model.config import DISTILLER, HUBERT, MELHUBERT
 
 # S3PRL's own download locations for the bases we support by name (converted formats, no fairseq).
 KNOWN_BASES = {
@@ -17,7 +17,7 @@ KNOWN_BASES = {
 KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
 
 # The upstream-name prefix of each model kind.
-FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert"}
+FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert", MELHUBERT: "melhubert"}
 
 
 def download_known_base(name: str, refresh: bool = False) -> Path:

@@ -17,6 +17,7 @@ Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
 
   upstream-compressed compress RECIPE.yaml -o OUT.safetensors
   upstream-compressed inspect OUT.safetensors [--json]
+  upstream-compressed analyse heads (--upstream OUT.safetensors | --base CKPT) --audio DIR [-o OUTDIR]
 
 The delta then runs as an S3PRL upstream:
   run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
@@ -128,6 +129,24 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyse_heads(args: argparse.Namespace) -> int:
+    from .head_analysis import run
+
+    try:
+        written = run(args.upstream, args.base, args.audio, args.output, args.diagonal_band, args.max_utterances,
+                      args.max_seconds, args.batch_size, args.projections, args.seed, args.mean_std)
+    except ValueError as error:  # e.g. a model with every head pruned
+        print(f"upstream-compressed analyse heads: error: {error}", file=sys.stderr)
+        return 2
+    rows = written["rows"]
+    print(f"{len(rows)} heads analysed; wrote {written['csv']}, {written['json']} and {written['png']}")
+    print("layer head  diagonality  l1        data_driven  prune order (l1, data-driven)")
+    for row in sorted(rows, key=lambda r: -r.diagonality)[:10]:
+        print(f"{row.layer:>5} {row.head:>4}  {row.diagonality:>11.3f}  {row.l1:<8.4g}  {row.data_driven:<11.4g}  "
+              f"{row.prune_order_l1}, {row.prune_order_data_driven}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,6 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .embedded.commands import add_commands
 
     add_commands(commands)  # make-corpus, pretrain
+    analyse = commands.add_parser("analyse", aliases=["analyze"], help="analyses of a model (heads)")
+    analyses = analyse.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    heads = analyses.add_parser(
+        "heads", help="per attention head: L1 and data-driven importance, diagonality; table and plot")
+    heads.add_argument("--upstream", help="a delta (.safetensors) to analyse; its base is found as the upstream finds it")
+    heads.add_argument("--base", help="a base checkpoint (path or known name) to analyse, or the base of --upstream")
+    heads.add_argument("--audio", required=True, help="directory of .wav/.flac speech to score the heads on")
+    heads.add_argument("-o", "--output", default="head_analysis", help="output folder (default: head_analysis)")
+    heads.add_argument("--diagonal-band", type=int, default=2,
+                       help="frames either side of the diagonal that count as diagonal (default 2)")
+    heads.add_argument("--max-utterances", type=int, default=32, help="utterances used (default 32)")
+    heads.add_argument("--max-seconds", type=float, default=8.0, help="each utterance cut to this (default 8)")
+    heads.add_argument("--batch-size", type=int, default=4)
+    heads.add_argument("--projections", type=int, default=4, help="random projections of the data-driven score")
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--mean-std", help="a MelHuBERT base's fbank statistics .npy (default: found beside it)")
+    heads.set_defaults(run=_analyse_heads)
     return parser
 
 
@@ -179,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .recipe import RecipeError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "analysis", None) == "heads":
+        if args.diagonal_band < 0 or min(args.max_utterances, args.batch_size, args.projections) <= 0:
+            build_parser().error("--diagonal-band must be >= 0; --max-utterances, --batch-size, --projections > 0")
     try:
         return args.run(args)
     except (DeltaError, RecipeError, CheckpointError, PlanError, FileNotFoundError) as error:

@@ -250,7 +250,9 @@ def make_delta(
         "technique": technique,
         "config": model.config.to_dict(),
         "structure": structure.to_dict(),
-        "params": {"base": sum(t.numel() for t in base.state_dict.values()), "compressed": model.num_parameters()},
+        # Parameters only: buffers (MelHuBERT's fbank statistics) are not weights of either model.
+        "params": {"base": SpeechTransformer.from_state_dict(base.config, base.state_dict, share=True).num_parameters(),
+                   "compressed": model.num_parameters()},
         "tensors_sha256": _tensor_digest(tensors),
         **(extra or {}),
     }
@@ -395,17 +397,49 @@ def _sparse_tensors(delta: Delta, reference: dict[str, Tensor], target: dict[str
     return rebuilt
 
 
-def build_compressed(delta: Delta, base_path: str | os.PathLike) -> SpeechTransformer:
-    """Verify ``base_path`` is the delta's base and build the compressed model from both."""
+def find_mean_std(delta: Delta, base_path: str | os.PathLike, explicit: str | os.PathLike | None = None,
+                  search: Sequence[str | os.PathLike] = ()) -> Path | None:
+    """The fbank statistics file of a MelHuBERT delta's base, verified by sha256 (None for other bases).
+
+    Looked for in this order: ``explicit``, the recorded path, a file of the recorded name beside the
+    base or in any of the ``search`` folders.
+    """
+    recorded = delta.manifest["base"].get("mean_std")
+    if not recorded:
+        return None
+    name = str(recorded.get("file_name", ""))
+    candidates = [explicit, recorded.get("path"), Path(base_path).parent / name, *(Path(d) / name for d in search)]
+    path = next((Path(c) for c in candidates if c and name and Path(c).is_file()), None)
+    if explicit and (path is None or path != Path(explicit)):
+        raise DeltaError(f"fbank mean/std file {explicit} does not exist")
+    if path is None:
+        raise DeltaError(
+            f"cannot find the fbank mean/std file of this MelHuBERT delta's base (recorded as {recorded.get('path')}); "
+            "put it beside the base checkpoint, or pass it with -g OPTIONS.yaml containing `mean_std: PATH`"
+        )
+    actual = sha256_file(path)
+    if actual != recorded.get("sha256"):
+        raise DeltaError(
+            f"fbank mean/std file {path} has sha256 {actual[:16]}..., but the delta was made with "
+            f"{str(recorded.get('sha256'))[:16]}... ({recorded.get('file_name')}); wrong statistics file"
+        )
+    return path
+
+
+def build_compressed(delta: Delta, base_path: str | os.PathLike, mean_std: str | os.PathLike | None = None,
+                     search: Sequence[str | os.PathLike] = ()) -> SpeechTransformer:
+    """Verify ``base_path`` (and a MelHuBERT base's statistics file) and build the compressed model."""
     check_base(delta, base_path)
+    stats = find_mean_std(delta, base_path, mean_std, search)
     try:
-        base = load_base(base_path)
+        base = load_base(base_path, mean_std=stats)
     except CheckpointError as error:
         raise DeltaError(str(error)) from error
     return apply_delta(delta, base)
 
 
-def load_compressed(delta_path: str | os.PathLike, base_path: str | os.PathLike) -> tuple[SpeechTransformer, Delta]:
+def load_compressed(delta_path: str | os.PathLike, base_path: str | os.PathLike,
+                    mean_std: str | os.PathLike | None = None) -> tuple[SpeechTransformer, Delta]:
     """Read a delta, verify its base file, and build the compressed model."""
     delta = read_delta(delta_path)
-    return build_compressed(delta, base_path), delta
+    return build_compressed(delta, base_path, mean_std, search=[Path(delta_path).parent]), delta

@@ -9,6 +9,10 @@ base name (needs network).
 Weight-pruned Linears run dense or through a sparse kernel: the ``-g`` yaml's ``sparse_execution``
 (``auto``, ``dense`` or ``sparse``), else the ``UPSTREAM_COMPRESSED_SPARSE_EXECUTION`` environment
 variable, else ``auto`` (sparse where it is faster on the device).
+
+A MelHuBERT base also needs its fbank statistics file: the ``-g`` yaml's ``mean_std: PATH``, else
+``UPSTREAM_COMPRESSED_MEAN_STD``, else the recorded path, else a file of the recorded name beside
+the base or the delta. ``melhubert_local`` runs a MelHuBERT checkpoint itself (``-k``), uncompressed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from .expert import UpstreamExpert
 from .model.sparse import resolve_execution
 
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
-FAMILIES = ("hubert", "distilhubert")
+MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
+FAMILIES = ("hubert", "distilhubert", "melhubert")
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
     "identity",
@@ -101,7 +106,8 @@ def load_upstream(
         resolve_execution(execution, where=f"upstream options file (-g) {model_config}: sparse_execution")
     except ValueError as error:
         raise DeltaError(str(error)) from error
-    model = build_compressed(delta, base_path)
+    mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
+    model = build_compressed(delta, base_path, mean_std, search=[delta_path.parent])
     model.set_sparse_execution(execution)
     return UpstreamExpert(model.eval(), delta.manifest)
 
@@ -109,6 +115,24 @@ def load_upstream(
 def compressed_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
     """Any delta written by ``upstream-compressed compress`` (no check of its technique)."""
     return load_upstream(ckpt, model_config, refresh)
+
+
+def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
+    """A MelHuBERT checkpoint as it is (-k); its fbank mean/std file from -g `mean_std: PATH` or beside it."""
+    from .model import SpeechTransformer
+    from .model.convert import CheckpointError, load_base
+
+    if not ckpt:
+        raise DeltaError("no checkpoint given: pass a MelHuBERT checkpoint (.ckpt) as -k")
+    mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
+    try:
+        base = load_base(ckpt, mean_std=mean_std)
+    except CheckpointError as error:
+        raise DeltaError(str(error)) from error
+    if base.source_format != "melhubert":
+        raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not MelHuBERT; use hubert_local / distiller_local")
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
+    return UpstreamExpert(model.eval())
 
 
 def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:
@@ -125,4 +149,4 @@ def entries() -> dict[str, Callable[..., UpstreamExpert]]:
     named = {f"{f}_{t}": _named_entry(f, t) for f in FAMILIES for t in TECHNIQUES}
     from .embedded.hubconf import entries as embedded_entries
 
-    return {**named, "compressed_local": compressed_local, **embedded_entries()}
+    return {**named, "compressed_local": compressed_local, "melhubert_local": melhubert_local, **embedded_entries()}

@@ -4,6 +4,8 @@
 base: /path/to/hubert_base_ls960.pt   # or a known name: hubert_base, distilhubert_base
 steps: []                             # no step: the identity delta
 ```
+A MelHuBERT base may add ``mean_std: PATH`` (its fbank statistics .npy) unless that file lies beside
+the checkpoint as ``<stem>.mean-std.npy`` or ``mean-std.npy``.
 Recipes are validated completely before any work starts; errors name the field.
 """
 
@@ -47,9 +49,13 @@ class Recipe:
     base: str
     steps: list[dict[str, Any]] = field(default_factory=list)
     source: Path | None = None  # the file it was read from; relative base paths resolve against it
+    mean_std: str | None = None  # a MelHuBERT base's fbank statistics file
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base, "steps": self.steps}
+        data: dict[str, Any] = {"base": self.base, "steps": self.steps}
+        if self.mean_std is not None:
+            data["mean_std"] = self.mean_std
+        return data
 
 
 def technique_name(steps: list[dict[str, Any]]) -> str:
@@ -74,9 +80,14 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     where = f"recipe {source}" if source else "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping with `base` and `steps`, got {type(data).__name__}")
-    unknown = set(data) - {"base", "steps"}
+    unknown = set(data) - {"base", "steps", "mean_std"}
     if unknown:
-        raise RecipeError(f"{where}: unknown top-level field(s) {sorted(unknown)}; expected `base` and `steps`")
+        raise RecipeError(
+            f"{where}: unknown top-level field(s) {sorted(unknown)}; expected `base`, `steps` (and `mean_std`)"
+        )
+    mean_std = data.get("mean_std")
+    if mean_std is not None and (not isinstance(mean_std, str) or not mean_std.strip()):
+        raise RecipeError(f"{where}: field `mean_std` must be the path of a MelHuBERT fbank statistics .npy")
     base = data.get("base")
     if not isinstance(base, str) or not base.strip():
         raise RecipeError(f"{where}: field `base` is missing; give a checkpoint path or a known name")
@@ -93,7 +104,7 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
         if method not in STEP_VALIDATORS:
             raise RecipeError(f"{here}.method: {method!r} is not implemented in this version yet")
         STEP_VALIDATORS[method](step, here)
-    return Recipe(base=base, steps=steps, source=Path(source) if source else None)
+    return Recipe(base=base, steps=steps, source=Path(source) if source else None, mean_std=mean_std)
 
 
 def load_recipe(path: str | os.PathLike, base: str | None = None) -> Recipe:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ MAC_SECONDS = 10.0  # MACs in manifests are for this much audio
 
 def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
     """What a delta records about its base, so loading can find and verify it."""
-    return {
+    identity = {
         "name": spec,
         "path": str(path),
         "file_name": path.name,
@@ -55,6 +56,10 @@ def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
         "format": base.source_format,
         "family": FAMILY_OF_KIND[base.config.kind],
     }
+    if "mean_std" in base.extras:  # MelHuBERT: the fbank statistics are part of the base
+        stats = Path(base.extras["mean_std"]).resolve()
+        identity["mean_std"] = {"path": str(stats), "file_name": stats.name, "sha256": sha256_file(stats)}
+    return identity
 
 
 def _snapshot_key(base_sha: str, steps: list[dict[str, Any]]) -> str:
@@ -101,7 +106,14 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
     """
     relative_to = recipe.source.parent if recipe.source else None
     base_path = resolve_base(recipe.base, relative_to=relative_to, refresh=refresh)
-    base = load_base(base_path)
+    mean_std = None
+    if recipe.mean_std is not None:
+        mean_std = Path(os.path.expandvars(os.path.expanduser(recipe.mean_std)))
+        if not mean_std.is_absolute() and relative_to is not None:
+            mean_std = relative_to / mean_std
+        if not mean_std.is_file():
+            raise RecipeError(f"recipe mean_std: file {mean_std} does not exist")
+    base = load_base(base_path, mean_std=mean_std)
     identity = base_identity(recipe.base, base_path, base)
     for i, step in enumerate(recipe.steps):  # layer indices can only be checked against the base
         layers = step.get("layers") or []

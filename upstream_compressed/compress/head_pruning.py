@@ -1,8 +1,10 @@
 """Attention-head pruning: heads are removed physically (q/k/v rows, out_proj columns).
 
 Options: ``ratio`` (fraction of heads removed, in [0, 1)), ``criterion`` (``l1``: magnitude of the
-head's q/k/v weights; ``data_driven``: Michel et al. on ``audio``; ``random``: the control),
-``selection`` (``per_layer`` or ``global``), optional ``layers`` (restrict to these), ``seed``.
+head's q/k/v weights; ``data_driven``: Michel et al. on ``audio``; ``random``: the control;
+``diagonal_first`` / ``diagonal_last``: the heads whose attention on ``audio`` is most / least
+diagonal go first, within ±``diagonal_band`` frames, default 2), ``selection`` (``per_layer`` or
+``global``), optional ``layers`` (restrict to these), ``seed``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from torch import Tensor
 from ..delta import Structure
 from ..model import SpeechTransformer
 from ..model.layers import effective_weight
-from ..recipe import STEP_VALIDATORS
+from ..recipe import STEP_VALIDATORS, RecipeError
 from . import STEPS, StepContext
-from .options import check_pruning
+from .diagonality import DEFAULT_BAND
+from .options import DIAGONAL_CRITERIA, PRUNING_CRITERIA, check_pruning
 from .selection import choose, score
 
 
 def validate(step: dict[str, Any], where: str) -> None:
-    check_pruning(step, where, "heads")
+    check_pruning(step, where, "heads", (*PRUNING_CRITERIA, *DIAGONAL_CRITERIA), extra_options=("diagonal_band",))
+    band = step.get("diagonal_band", DEFAULT_BAND)
+    if isinstance(band, bool) or not isinstance(band, int) or band < 0:
+        raise RecipeError(f"{where}.diagonal_band: expected a number of frames >= 0, got {band!r}")
+    if "diagonal_band" in step and step.get("criterion") not in DIAGONAL_CRITERIA:
+        raise RecipeError(f"{where}.diagonal_band: only the criteria {list(DIAGONAL_CRITERIA)} use it")
 
 
 def l1_head_scores(model: SpeechTransformer) -> list[Tensor]:

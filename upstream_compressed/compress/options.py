@@ -54,7 +54,8 @@ def check_layers(step: dict[str, Any], where: str) -> list[int] | None:
 
 def check_audio(step: dict[str, Any], where: str, needed: bool) -> None:
     if needed and not isinstance(step.get("audio"), str):
-        raise RecipeError(f"{where}.audio: the data_driven criterion needs `audio: DIR` (a directory of .wav/.flac)")
+        criterion = step.get("criterion", "data_driven")
+        raise RecipeError(f"{where}.audio: the {criterion} criterion needs `audio: DIR` (a directory of .wav/.flac)")
 
 
 def check_recovery(step: dict[str, Any], where: str) -> None:
@@ -103,20 +104,24 @@ def check_objective(options: dict[str, Any], where: str) -> str:
 
 
 PRUNING_CRITERIA = ("l1", "data_driven", "random")
+# Head pruning only: remove the heads whose attention is most (or least) diagonal first.
+DIAGONAL_CRITERIA = ("diagonal_first", "diagonal_last")
+DATA_CRITERIA = ("data_driven", *DIAGONAL_CRITERIA)  # criteria that run the model on `audio`
 PRUNING_SELECTIONS = ("per_layer", "global")
 DATA_OPTIONS = ("audio", "max_utterances", "max_seconds", "batch_size", "projections")
 
 
-def check_pruning(step: dict[str, Any], where: str, what: str) -> None:
+def check_pruning(step: dict[str, Any], where: str, what: str, criteria: tuple[str, ...] = PRUNING_CRITERIA,
+                  extra_options: tuple[str, ...] = ()) -> None:
     """The options head and row pruning share; ``what`` names what ``ratio`` removes."""
     check_recovery(step, where)
-    check_keys(step, where, ("ratio", "criterion", "selection", "layers", "seed", *DATA_OPTIONS))
+    check_keys(step, where, ("ratio", "criterion", "selection", "layers", "seed", *DATA_OPTIONS, *extra_options))
     check_fraction(step, where, "ratio", 0.0, 1.0, include_high=False,
                    meaning=f"the fraction of {what} removed; 1.0 would remove every {what[:-1]} of every layer")
-    criterion = check_choice(step, where, "criterion", PRUNING_CRITERIA, "l1")
+    criterion = check_choice(step, where, "criterion", criteria, "l1")
     check_choice(step, where, "selection", PRUNING_SELECTIONS, "per_layer")
     check_layers(step, where)
-    check_audio(step, where, criterion == "data_driven")
+    check_audio(step, where, criterion in DATA_CRITERIA)
     for name, default in (("max_utterances", 32), ("batch_size", 4), ("projections", 4)):
         check_positive_int(step, where, name, default)
 

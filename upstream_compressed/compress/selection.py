@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..model import SpeechTransformer
+from .diagonality import DEFAULT_BAND, diagonality_scores
 from .importance import data_driven_scores
 
 
@@ -32,6 +33,14 @@ def keep_global(scores: list[Tensor], ratio: float, normalize: bool, layers: lis
     With ``normalize``, each layer's scores are divided by their L2 norm first (Michel et al.), so
     layers whose raw scores live on different scales compete fairly.
     """
+    order = global_order(scores, normalize, layers)
+    remove = math.floor(ratio * len(order) + 1e-9)
+    removed = set(order[:remove])
+    return [[j for j in range(len(s)) if (i, j) not in removed] for i, s in enumerate(scores)]
+
+
+def global_order(scores: list[Tensor], normalize: bool, layers: list[int] | None = None) -> list[tuple[int, int]]:
+    """Every (layer, index) of the chosen layers in the order global selection removes them (lowest first)."""
     chosen = [i for i in range(len(scores)) if layers is None or i in layers]
     candidates = []
     for i in chosen:
@@ -39,9 +48,7 @@ def keep_global(scores: list[Tensor], ratio: float, normalize: bool, layers: lis
         if normalize and layer_scores.numel():
             layer_scores = layer_scores / layer_scores.norm().clamp_min(1e-30)
         candidates += [(float(s), i, j) for j, s in enumerate(layer_scores)]
-    remove = math.floor(ratio * len(candidates) + 1e-9)
-    removed = {(i, j) for _, i, j in sorted(candidates)[:remove]}
-    return [[j for j in range(len(s)) if (i, j) not in removed] for i, s in enumerate(scores)]
+    return [(i, j) for _, i, j in sorted(candidates)]
 
 
 def random_scores(sizes: list[int], seed: int) -> list[Tensor]:
@@ -57,6 +64,12 @@ def score(model: SpeechTransformer, step: dict[str, Any], kind: str, l1: Callabl
         return l1(model)
     if criterion == "random":
         return random_scores(sizes, step.get("seed", 0))
+    if criterion in ("diagonal_first", "diagonal_last"):  # heads only; the lowest score goes first
+        diagonality = diagonality_scores(
+            model, step["audio"], step.get("diagonal_band", DEFAULT_BAND), step.get("max_utterances", 32),
+            step.get("max_seconds", 8.0), step.get("batch_size", 4),
+        )
+        return [-d if criterion == "diagonal_first" else d for d in diagonality]
     return data_driven_scores(
         model, kind, step["audio"], step.get("max_utterances", 32), step.get("max_seconds", 8.0),
         step.get("batch_size", 4), step.get("projections", 4), step.get("seed", 0),

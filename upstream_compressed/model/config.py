@@ -13,7 +13,15 @@ from typing import Any
 # The two families of hidden-state layout that S3PRL's upstreams produce.
 HUBERT = "hubert"  # [encoder input] + layer outputs (last one after the final LayerNorm if pre-LN)
 DISTILLER = "distiller"  # [projected features] + layer outputs + prediction-head outputs
-KINDS = (HUBERT, DISTILLER)
+MELHUBERT = "melhubert"  # MelHuBERT's upstream: [projected features] + layer outputs (+ heads once distilled)
+KINDS = (HUBERT, DISTILLER, MELHUBERT)
+
+# Front ends: HuBERT's strided convolutions on the waveform, or MelHuBERT's Kaldi log-mel filterbank.
+CONV, FBANK = "conv", "fbank"
+FRONTENDS = (CONV, FBANK)
+FBANK_SHIFT = 160  # samples between fbank frames (10 ms at 16 kHz)
+FBANK_WINDOW = 400  # samples in one fbank window (25 ms): the least audio that yields a frame
+FBANK_ONLY_FIELDS = ("fbank_mel_bins", "fbank_stack")
 
 # Linear layers of one encoder layer that may be factorised or sparsified (masked).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -50,7 +58,7 @@ class ModelConfig:
     embed_dim: int
     head_dim: int
     layers: list[LayerConfig]
-    conv_layers: list[tuple[int, int, int]]  # (channels, kernel, stride) per front-end conv
+    conv_layers: list[tuple[int, int, int]]  # (channels, kernel, stride) per front-end conv (empty for fbank)
     extractor_mode: str = "default"  # "default": GroupNorm on the first conv; "layer_norm": LN on every conv
     conv_bias: bool = False
     conv_pos: int = 128
@@ -67,6 +75,12 @@ class ModelConfig:
     pred_layer_id: list[int] = field(default_factory=list)
     pred_inter_dim: int = 0
     pred_out_dim: int = 0
+    # The front end: ``conv`` (conv_layers, extractor_mode, ...) or ``fbank`` (MelHuBERT: Kaldi log-mel
+    # features of the 16-bit-scaled waveform, normalised per dimension, ``fbank_stack`` frames
+    # concatenated: 1 gives 10 ms frames, 2 gives 20 ms).
+    frontend: str = CONV
+    fbank_mel_bins: int = 40
+    fbank_stack: int = 1
 
     def __post_init__(self) -> None:
         self.layers = [
@@ -80,8 +94,20 @@ class ModelConfig:
             raise ValueError(f"unknown extractor_mode {self.extractor_mode!r}")
         if self.activation != "gelu":
             raise ValueError(f"only the gelu activation is supported, not {self.activation!r}")
-        if self.embed_dim <= 0 or self.head_dim <= 0 or not self.conv_layers:
-            raise ValueError("embed_dim, head_dim and conv_layers must be positive / non-empty")
+        if self.embed_dim <= 0 or self.head_dim <= 0:
+            raise ValueError("embed_dim and head_dim must be positive")
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"unknown frontend {self.frontend!r}; expected one of {FRONTENDS}")
+        if self.frontend == CONV and not self.conv_layers:
+            raise ValueError("a conv front end needs conv_layers (non-empty)")
+        if self.frontend == FBANK:
+            if self.conv_layers:
+                raise ValueError("an fbank front end has no conv_layers; give an empty list")
+            if self.fbank_mel_bins <= 0 or self.fbank_stack not in (1, 2):
+                raise ValueError(
+                    f"fbank_mel_bins must be positive and fbank_stack 1 (10 ms) or 2 (20 ms), got "
+                    f"{self.fbank_mel_bins} and {self.fbank_stack}"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -89,10 +115,15 @@ class ModelConfig:
 
     @property
     def conv_dim(self) -> int:
+        """Width of the front end's features (conv channels, or fbank bins x stacked frames)."""
+        if self.frontend == FBANK:
+            return self.fbank_mel_bins * self.fbank_stack
         return self.conv_layers[-1][0]
 
     @property
     def downsample_rate(self) -> int:
+        if self.frontend == FBANK:
+            return FBANK_SHIFT * self.fbank_stack
         rate = 1
         for _, _, stride in self.conv_layers:
             rate *= stride
@@ -101,6 +132,8 @@ class ModelConfig:
     @property
     def receptive_field(self) -> int:
         """Samples that the front end needs to produce one frame."""
+        if self.frontend == FBANK:
+            return FBANK_WINDOW  # a stacked frame whose partner is missing is zero-padded, as MelHuBERT does
         field_, jump = 1, 1
         for _, kernel, stride in self.conv_layers:
             field_ += (kernel - 1) * jump
@@ -117,6 +150,10 @@ class ModelConfig:
         for layer in data["layers"]:  # dense models keep the manifests they had before weight pruning existed
             if not layer["sparse"]:
                 del layer["sparse"]
+        if self.frontend == CONV:  # conv models keep the manifests they had before fbank front ends existed
+            del data["frontend"]
+            for name in FBANK_ONLY_FIELDS:
+                del data[name]
         return data
 
     @classmethod

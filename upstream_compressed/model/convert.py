@@ -2,7 +2,9 @@
 
 Two formats, the ones S3PRL's own loaders read:
 - HuBERT converted (``hubert_local``): ``{task_cfg, model_cfg, model_weight, dictionaries_symbols}``;
-- distiller (``distiller_local``): ``{"Config": {"distiller": {...}}, "Distiller": state_dict}``.
+- distiller (``distiller_local``): ``{"Config": {"distiller": {...}}, "Distiller": state_dict}``;
+and MelHuBERT's own (``{"model", "Upstream_Config": {"melhubert": ...}}`` plus a mean/std file; see
+:mod:`.convert_melhubert`).
 Tensors that only pre-training uses (HuBERT's ``final_proj``, ``label_embs_concat``, ``mask_emb``)
 are kept aside as ``extras`` so converting back gives a checkpoint S3PRL loads.
 """
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import DISTILLER, HUBERT, LayerConfig, ModelConfig
+from .config import DISTILLER, HUBERT, MELHUBERT, LayerConfig, ModelConfig
+from .convert_melhubert import MELHUBERT_FORMAT, find_mean_std, from_melhubert, is_melhubert, to_melhubert
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +69,41 @@ def detect_format(ckpt: dict[str, Any]) -> str:
         return HUBERT_FORMAT
     if "Distiller" in ckpt and "distiller" in ckpt.get("Config", {}):
         return DISTILLER_FORMAT
+    if is_melhubert(ckpt):
+        return MELHUBERT_FORMAT
     raise CheckpointError(
         f"unknown checkpoint format with keys {sorted(ckpt)[:8]}; expected S3PRL's converted HuBERT "
-        "format (task_cfg, model_cfg, model_weight) or the distiller format (Config, Distiller). "
+        "format (task_cfg, model_cfg, model_weight), the distiller format (Config, Distiller) or "
+        "MelHuBERT's (model, Upstream_Config). "
         "Convert a fairseq HuBERT checkpoint with s3prl.upstream.hubert.convert first."
     )
 
 
-def load_base(path: str | os.PathLike) -> Converted:
-    """Read an S3PRL HuBERT or distiller checkpoint into our config and state dict."""
+def load_base(path: str | os.PathLike, mean_std: str | os.PathLike | None = None) -> Converted:
+    """Read an S3PRL HuBERT or distiller checkpoint, or a MelHuBERT one, into our config and state dict.
+
+    ``mean_std``: a MelHuBERT checkpoint's fbank statistics file; by default the one beside the
+    checkpoint (``<stem>.mean-std.npy``, ``<stem>-mean-std.npy`` or ``mean-std.npy``).
+    """
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dictionary")
     fmt = detect_format(ckpt)
+    if mean_std is not None and fmt != MELHUBERT_FORMAT:
+        raise CheckpointError(f"{path} is a {fmt} checkpoint; a fbank mean/std file applies only to MelHuBERT")
+    stats = mean_std if mean_std is not None else (find_mean_std(path) if fmt == MELHUBERT_FORMAT else None)
+    if fmt == MELHUBERT_FORMAT and stats is None:
+        raise CheckpointError(
+            f"MelHuBERT checkpoint {path} needs its fbank mean/std file (the .npy MelHuBERT's upstream "
+            f"uses, e.g. libri-960-mean-std.npy): put it beside the checkpoint as "
+            f"{Path(path).stem}.mean-std.npy or mean-std.npy, or name it with `mean_std:`"
+        )
     try:
-        converted = from_hubert(ckpt) if fmt == HUBERT_FORMAT else from_distiller(ckpt)
+        if fmt == MELHUBERT_FORMAT:
+            config, state, extras = from_melhubert(ckpt, stats)
+            converted = Converted(config, state, MELHUBERT_FORMAT, extras)
+        else:
+            converted = from_hubert(ckpt) if fmt == HUBERT_FORMAT else from_distiller(ckpt)
     except (KeyError, ValueError, SyntaxError) as error:
         raise CheckpointError(f"{path}: malformed {fmt} checkpoint: {error}") from error
     # Half-precision storage (e.g. the bundled tiny HuBERT) runs in fp32, as S3PRL's loaders do.
@@ -287,6 +310,8 @@ def to_s3prl_checkpoint(converted: Converted) -> dict[str, Any]:
     """The inverse of :func:`load_base`: a dict that ``torch.save`` writes as an S3PRL checkpoint."""
     config, state = converted.config, converted.state_dict
     layer = _require_uniform(config)
+    if config.kind == MELHUBERT:
+        return to_melhubert(config, state, converted.extras, layer)
     if config.kind == HUBERT:
         names = _common_renames(config.num_layers, len(config.conv_layers), config.extractor_mode)
         names["layer_norm.weight"], names["layer_norm.bias"] = "feature_norm.weight", "feature_norm.bias"

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTILLER, HUBERT, LayerConfig, ModelConfig
+from .config import FBANK, HUBERT, LayerConfig, ModelConfig
+from .fbank import FbankFrontEnd
 from .layers import ConvFeatureExtractor, EncoderLayer, LowRankLinear, PositionalConv, PredictionHeads
 from .sparse import MaskedLinear, set_execution
 
@@ -20,14 +21,19 @@ class SpeechTransformer(nn.Module):
     """Waveforms -> list of hidden states, laid out exactly like S3PRL's upstream for ``config.kind``.
 
     ``hubert``: [encoder input] + outputs of layers 1..L-1 + encoder output (L+1 states).
-    ``distiller``: [projected conv features] + outputs of layers 1..L + prediction heads.
+    ``distiller`` and ``melhubert``: [projected features] + outputs of layers 1..L + prediction heads.
+    The front end is HuBERT's convolutions or MelHuBERT's fbank (``config.frontend``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = copy.deepcopy(config)  # structural changes edit it; never alias the caller's
         c = self.config
-        self.feature_extractor = ConvFeatureExtractor(c.conv_layers, c.extractor_mode, c.conv_bias)
+        self.feature_extractor = (
+            FbankFrontEnd(c.fbank_mel_bins, c.fbank_stack)
+            if c.frontend == FBANK
+            else ConvFeatureExtractor(c.conv_layers, c.extractor_mode, c.conv_bias)
+        )
         self.feature_norm = nn.LayerNorm(c.conv_dim) if c.feature_layer_norm else None
         self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.conv_dim != c.embed_dim else None
         self.positional_conv = PositionalConv(c.embed_dim, c.conv_pos, c.conv_pos_groups)
@@ -74,6 +80,9 @@ class SpeechTransformer(nn.Module):
     # ----------------------------------------------------------------------------------- padding
     def frame_padding_mask(self, wav_lengths: Tensor, num_samples: int, num_frames: int) -> Tensor:
         """(B, T) mask, True on padded frames, computed by the same rule as S3PRL's upstream."""
+        if self.config.frontend == FBANK:  # each utterance's own frame count
+            counts = self.feature_extractor.frame_counts(wav_lengths)
+            return torch.arange(num_frames, device=wav_lengths.device)[None, :] >= counts[:, None]
         if self.config.kind == HUBERT:
             # HuBERT folds the sample mask into T equal chunks; a frame is padding if its chunk is.
             sample_pad = torch.arange(num_samples, device=wav_lengths.device)[None, :] >= wav_lengths[:, None]
@@ -104,7 +113,10 @@ class SpeechTransformer(nn.Module):
             wav_lengths = torch.full((wav.shape[0],), wav.shape[1], device=wav.device, dtype=torch.long)
         if self.config.normalize_waveform:
             wav = self.normalize_waveforms(wav, wav_lengths)
-        features = self.feature_extractor(wav).transpose(1, 2)
+        if self.config.frontend == FBANK:
+            features = self.feature_extractor(wav, wav_lengths)
+        else:
+            features = self.feature_extractor(wav).transpose(1, 2)
         padding_mask = self.frame_padding_mask(wav_lengths, wav.shape[1], features.shape[1])
         if self.feature_norm is not None:
             features = self.feature_norm(features)
@@ -112,20 +124,21 @@ class SpeechTransformer(nn.Module):
             features = self.feature_projection(features)
 
         x = features.masked_fill(padding_mask[..., None], 0.0)
-        states: list[Tensor] = [x] if self.config.kind == DISTILLER else []
+        reports_inputs = self.config.kind == HUBERT  # else: features first, then every layer's output
+        states: list[Tensor] = [] if reports_inputs else [x]
         x = x + self.positional_conv(x)
         if not self.config.layer_norm_first:
             x = self.encoder_norm(x)
         x = F.dropout(x, self.config.dropout, self.training)
         for layer in self.layers:
-            if self.config.kind == HUBERT:
+            if reports_inputs:
                 states.append(x)  # S3PRL's HuBERT reports the input of every layer...
             x = layer(x, padding_mask)
-            if self.config.kind == DISTILLER:
-                states.append(x)  # ...the distiller the output of every layer.
+            if not reports_inputs:
+                states.append(x)  # ...the distiller and MelHuBERT the output of every layer.
         if self.config.layer_norm_first:
             x = self.encoder_norm(x)
-        if self.config.kind == HUBERT:
+        if reports_inputs:
             states.append(x)  # ...and HuBERT the encoder output last.
         if self.prediction_heads is not None:
             states.extend(self.prediction_heads(x))
