@@ -16,6 +16,7 @@ setup(
         "editdistance",
         "safetensors",
         "tqdm",
+        "matplotlib",  # the report's plots (Agg backend, no display needed)
         # imported by S3PRL's PR/SID paths but not declared by s3prl itself
         "tensorboardX",
         "librosa",

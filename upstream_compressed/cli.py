@@ -1,4 +1,4 @@
-"""``upstream-compressed``: compress a base by a recipe, and inspect the delta it writes."""
+"""``upstream-compressed``: compress a base by a recipe, inspect the delta it writes, report an experiment."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
 
   upstream-compressed compress RECIPE.yaml -o OUT.safetensors
   upstream-compressed inspect OUT.safetensors [--json]
+  upstream-compressed report EXPDIR [-o OUTDIR]
 
 The delta then runs as an S3PRL upstream:
   run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
@@ -93,6 +94,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import markdown_table, write_report
+
+    report, written = write_report(args.expdir, args.output)
+    for warning in report.warnings:
+        print(f"upstream-compressed report: warning: {warning}", file=sys.stderr)
+    print(markdown_table(report))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,17 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("delta", help="a .safetensors delta")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     inspect.set_defaults(run=_inspect)
+
+    report = commands.add_parser("report", help="trade-off table (markdown, CSV) and plots of an experiment folder")
+    report.add_argument("expdir", help="experiment folder with models/<model>/{model,profile}.json and "
+                        "downstream/<task>_<model>/result.json (its merged rows go to EXPDIR/report.json)")
+    report.add_argument("-o", "--output", help="folder for report.md, report.csv and the PNG plots (default: EXPDIR)")
+    report.set_defaults(run=_report)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .model.convert import CheckpointError
     from .recipe import RecipeError
+    from .report import ReportError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DeltaError, RecipeError, CheckpointError, FileNotFoundError) as error:
+    except (DeltaError, RecipeError, CheckpointError, ReportError, FileNotFoundError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 
