@@ -16,7 +16,7 @@ setup(
         "editdistance",
         "safetensors",
         "tqdm",
-        "matplotlib",  # head-analysis plots
+        "matplotlib",  # the report's and the head analysis's plots (Agg backend)
         # imported by S3PRL's PR/SID paths but not declared by s3prl itself
         "tensorboardX",
         "librosa",

@@ -1,4 +1,4 @@
-"""``upstream-compressed``: compress a base by a recipe, and inspect the delta it writes."""
+"""``upstream-compressed``: compress a base by a recipe, inspect the delta it writes, report an experiment."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
   upstream-compressed compress RECIPE.yaml -o OUT.safetensors
   upstream-compressed inspect OUT.safetensors [--json]
   upstream-compressed analyse heads (--upstream OUT.safetensors | --base CKPT) --audio DIR [-o OUTDIR]
+  upstream-compressed report EXPDIR [-o OUTDIR]
 
 The delta then runs as an S3PRL upstream:
   run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
@@ -147,6 +148,18 @@ def _analyse_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import markdown_table, write_report
+
+    report, written = write_report(args.expdir, args.output)
+    for warning in report.warnings:
+        print(f"upstream-compressed report: warning: {warning}", file=sys.stderr)
+    print(markdown_table(report))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -206,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--mean-std", help="a MelHuBERT base's fbank statistics .npy (default: found beside it)")
     heads.set_defaults(run=_analyse_heads)
+    report = commands.add_parser("report", help="trade-off table (markdown, CSV) and plots of an experiment folder")
+    report.add_argument("expdir", help="experiment folder with models/<model>/{model,profile}.json and "
+                        "downstream/<task>_<model>/result.json (its merged rows go to EXPDIR/report.json)")
+    report.add_argument("-o", "--output", help="folder for report.md, report.csv and the PNG plots (default: EXPDIR)")
+    report.set_defaults(run=_report)
     return parser
 
 
@@ -213,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .experiments import PlanError
     from .model.convert import CheckpointError
     from .recipe import RecipeError
+    from .report import ReportError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "analysis", None) == "heads":
@@ -220,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().error("--diagonal-band must be >= 0; --max-utterances, --batch-size, --projections > 0")
     try:
         return args.run(args)
-    except (DeltaError, RecipeError, CheckpointError, PlanError, FileNotFoundError) as error:
+    except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,317 @@
+"""The trade-off report of an experiment folder: one table (markdown, CSV, JSON) and PNG plots.
+
+Input: an experiment folder EXPDIR, as the pipeline (``run_downstream.sh``) fills it::
+
+    EXPDIR/models/<model>/model.json
+        {"model": str,            # equal to the folder name
+         "method": str,           # "base", "head_pruning", "row_pruning", "low_rank", "weight_pruning",
+                                  # "distillation", "kd_head_lr", ...
+         "rate": float | null,    # fraction removed; null for the base
+         "upstream": str, "ckpt": str | null, "recipe": str | null}
+    EXPDIR/models/<model>/profile.json
+        {"params": int, "params_encoder": int, "macs": int, "macs_effective": int,
+         "seconds_audio": float, "median_seconds": float, "rtf": float, "device": str, ...}
+    EXPDIR/downstream/<task>_<model>/result.json
+        {"task": "PR" | "SID", "model": str, "metric": "per" | "acc",
+         "test": float,           # a fraction (0.0541), not a percentage
+         "dev_best": float | null, "lr": float, "steps": int, "train_seconds": float}
+
+Every model folder with a model.json gives one row; a missing profile.json or result.json only
+leaves its cells empty ('-'), so the report can be made while the pipeline is still running.
+
+Output, in OUTDIR (default EXPDIR): ``report.md`` (the table, its notes and the plots),
+``report.csv`` (the same cells; missing ones empty), ``per_vs_macs.png``, ``acc_vs_macs.png``,
+``per_vs_seconds.png``; and ``EXPDIR/report.json``: ``{"seconds_audio": float | null, "rows": [...]}``,
+each row the model.json fields plus ``"profile"``, ``"PR"`` and ``"SID"`` (the files' contents or null).
+
+Plots draw one line per method (the trade-off curve over its rates) and the uncompressed base as a
+star; their x axis is effective MACs (only multiplications by non-zero weights; equal to the dense
+MACs for models without weight sparsity) or median wall-clock time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .delta import atomic_write_bytes
+
+if TYPE_CHECKING:  # matplotlib is imported only when plotting, so other commands do not pay for it
+    from matplotlib.figure import Figure
+
+TASKS = {"PR": "per", "SID": "acc"}
+PLOTS = ("per_vs_macs", "acc_vs_macs", "per_vs_seconds")
+MISSING = "-"
+_MODEL_KEYS = {"model": str, "method": str}
+_PROFILE_KEYS = {"params": int, "macs": int, "macs_effective": int, "seconds_audio": (int, float),
+                 "median_seconds": (int, float), "rtf": (int, float), "device": str}
+_RESULT_KEYS = {"task": str, "model": str, "metric": str, "test": (int, float), "lr": (int, float)}
+
+
+class ReportError(ValueError):
+    """An experiment folder the report cannot read; the message names the file and the fix."""
+
+
+@dataclass
+class Report:
+    """The merged rows (sorted as in the table) and what was skipped on the way."""
+
+    rows: list[dict[str, Any]]
+    seconds_audio: float | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")  # Python reads NaN/Infinity; no table or plot can use them
+
+
+def _read_json(path: Path, required: dict[str, Any]) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ReportError(f"{path}: not readable JSON ({error}); rewrite it or remove it") from error
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    for key, kind in required.items():
+        value = data.get(key)
+        # bool is an int to Python but never a valid count or score here
+        if value is None or isinstance(value, bool) or not isinstance(value, kind):
+            kind_name = getattr(kind, "__name__", "number")
+            raise ReportError(f"{path}: field {key!r} is {value!r}; it must be present and a {kind_name} "
+                              "(see upstream_compressed/report.py for the layout)")
+    return data
+
+
+def _read_model(folder: Path) -> dict[str, Any]:
+    path = folder / "model.json"
+    info = _read_json(path, _MODEL_KEYS)
+    if info["model"] != folder.name:
+        raise ReportError(f"{path}: model {info['model']!r} differs from its folder name {folder.name!r}; "
+                          "the folder must be named after the model")
+    rate = info.get("rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
+        raise ReportError(f"{path}: rate {rate!r} must be null or a fraction removed in [0, 1]")
+    return {"model": info["model"], "method": info["method"], "rate": rate, "upstream": info.get("upstream"),
+            "ckpt": info.get("ckpt"), "recipe": info.get("recipe")}
+
+
+def _read_result(folder: Path) -> dict[str, Any]:
+    path = folder / "result.json"
+    result = _read_json(path, _RESULT_KEYS)
+    task, metric, test = result["task"], result["metric"], result["test"]
+    if TASKS.get(task) != metric:
+        raise ReportError(f"{path}: task {task!r} with metric {metric!r}; expected one of "
+                          + ", ".join(f"{t} with {m}" for t, m in TASKS.items()))
+    if folder.name != f"{task}_{result['model']}":
+        raise ReportError(f"{path}: folder name {folder.name!r} should be {task}_{result['model']} (<task>_<model>)")
+    if not 0 <= test <= 1:
+        raise ReportError(f"{path}: test {test!r} is outside [0, 1]; result.json holds fractions "
+                          "(0.0541 for 5.41%), not percentages")
+    return result
+
+
+def load_report(expdir: str | Path) -> Report:
+    """Read every model's model.json, profile.json and downstream results under ``expdir`` into rows."""
+    expdir = Path(expdir)
+    models_dir = expdir / "models"
+    if not expdir.is_dir():
+        raise ReportError(f"experiment folder {expdir} does not exist")
+    if not models_dir.is_dir():
+        raise ReportError(f"{expdir} has no models/ folder, so it is not an experiment folder: the report reads "
+                          "EXPDIR/models/<model>/model.json (see upstream_compressed/report.py); "
+                          "run the pipeline (run_downstream.sh) into it first, or pass the folder it wrote")
+    warnings: list[str] = []
+    rows: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if not (folder / "model.json").is_file():
+            warnings.append(f"skipped {folder}: no model.json")
+            continue
+        row = _read_model(folder)
+        profile = folder / "profile.json"
+        row["profile"] = _read_json(profile, _PROFILE_KEYS) if profile.is_file() else None
+        row["PR"] = row["SID"] = None
+        rows[row["model"]] = row
+    if not rows:
+        raise ReportError(f"{models_dir} holds no model folder with a model.json; nothing to report")
+    downstream = expdir / "downstream"
+    folders = sorted(p for p in downstream.iterdir() if p.is_dir()) if downstream.is_dir() else []
+    for folder in folders:
+        if not (folder / "result.json").is_file():
+            continue  # training not finished yet: its cells stay empty
+        result = _read_result(folder)
+        if result["model"] not in rows:
+            warnings.append(f"skipped {folder / 'result.json'}: no models/{result['model']}/model.json")
+            continue
+        rows[result["model"]][result["task"]] = result
+    seconds = {row["profile"]["seconds_audio"] for row in rows.values() if row["profile"]}
+    if len(seconds) > 1:
+        raise ReportError(f"profiles under {models_dir} were measured on different audio lengths "
+                          f"({', '.join(f'{s:g} s' for s in sorted(seconds))}), so their MACs and times do not "
+                          "compare; profile every model with the same --seconds")
+    ordered = sorted(rows.values(), key=lambda r: (r["method"] != "base", r["method"], r["rate"] is not None,
+                                                   r["rate"] or 0.0, r["model"]))
+    return Report(ordered, seconds.pop() if seconds else None, warnings)
+
+
+def _scaled(value: float, scale: float) -> str:
+    """Two decimals from 1 up; three significant digits below, so a tiny model's 0.0123 is not 0.01."""
+    value /= scale
+    return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:#.3g}"
+
+
+def _devices(report: Report) -> set[str]:
+    return {row["profile"]["device"] for row in report.rows if row["profile"]}
+
+
+def table(report: Report) -> tuple[list[str], list[list[str | None]]]:
+    """Header and cells of the table; a missing value is None."""
+    per = f" / {report.seconds_audio:g} s" if report.seconds_audio is not None else ""
+    devices = sorted(_devices(report))
+    mixed = len(devices) > 1  # then each RTF cell names its device
+    header = ["method", "rate", "model", "params (M)", f"MACs (G{per})", f"eff. MACs (G{per})",
+              f"RTF ({devices[0]})" if len(devices) == 1 else "RTF", "PER %", "SID acc %", "SID lr"]
+    cells = []
+    for row in report.rows:
+        profile, pr, sid = row["profile"], row["PR"], row["SID"]
+        rtf = None
+        if profile:
+            rtf = _scaled(profile["rtf"], 1) + (f" ({profile['device']})" if mixed else "")
+        cells.append([
+            row["method"],
+            f"{row['rate']:g}" if row["rate"] is not None else None,
+            row["model"],
+            _scaled(profile["params"], 1e6) if profile else None,
+            _scaled(profile["macs"], 1e9) if profile else None,
+            _scaled(profile["macs_effective"], 1e9) if profile else None,
+            rtf,
+            f"{100 * pr['test']:.2f}" if pr else None,
+            f"{100 * sid['test']:.2f}" if sid else None,
+            f"{sid['lr']:g}" if sid else None,
+        ])
+    return header, cells
+
+
+def markdown_table(report: Report) -> str:
+    header, cells = table(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    lines += ["| " + " | ".join(MISSING if c is None else c for c in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(report: Report) -> str:
+    header, cells = table(report)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if c is None else c for c in row] for row in cells])
+    return out.getvalue()
+
+
+def markdown_report(report: Report) -> str:
+    per = f"{report.seconds_audio:g} s" if report.seconds_audio is not None else "the profiled length"
+    notes = (f"MACs and eff. MACs are per {per} of audio, in G (10^9); eff. MACs count only multiplications by "
+             "non-zero weights (equal to MACs for models without weight sparsity) and are what the plots use. "
+             "RTF = median wall-clock seconds / seconds of audio. PER (phone recognition) and SID accuracy "
+             "(speaker identification) are test-set percentages; SID lr is the downstream learning rate, "
+             "which SID accuracy depends on strongly. '-' = not measured yet.")
+    plots = "\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in PLOTS)
+    return f"# Compression trade-offs\n\n{markdown_table(report)}\n{notes}\n\n{plots}\n"
+
+
+def _seconds_label(report: Report) -> str:
+    devices = _devices(report)
+    where = devices.pop() if len(devices) == 1 else "mixed devices, see table"
+    return f"median wall-clock seconds per {report.seconds_audio:g} s of audio ({where})"
+
+
+def _metric_label(report: Report, task: str) -> str:
+    if task == "PR":
+        return "PER % (test, lower is better)"
+    lrs = {row["SID"]["lr"] for row in report.rows if row["SID"]}
+    lr = f"downstream lr {lrs.pop():g}" if len(lrs) == 1 else "downstream lr per model in the table"
+    return f"SID accuracy % (test, {lr})"
+
+
+def _figure(report: Report, task: str, x_of: str, title: str, xlabel: str) -> Figure:
+    """One trade-off plot: a line per method over its rates, each base model as a star."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.0, 5.0), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg: renders without a display, and no pyplot global state
+    axes = figure.add_subplot()
+    methods = sorted({row["method"] for row in report.rows if row["method"] != "base"})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # the same colour per method on every plot
+
+    def point(row: dict[str, Any]) -> tuple[float, float] | None:
+        if not row["profile"] or not row[task]:
+            return None
+        scale = 1e9 if x_of == "macs_effective" else 1.0
+        return row["profile"][x_of] / scale, 100 * row[task]["test"]
+
+    drawn = 0
+    for method in methods:
+        rows = [(point(r), r["rate"]) for r in report.rows if r["method"] == method]
+        rows = sorted((p, rate) for p, rate in rows if p is not None)
+        if not rows:
+            continue
+        axes.plot([p[0] for p, _ in rows], [p[1] for p, _ in rows], marker="o", color=colours[method], label=method)
+        for (x, y), rate in rows:
+            if rate is not None:
+                axes.annotate(f"{rate:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        drawn += 1
+    for row in report.rows:
+        if row["method"] == "base" and (p := point(row)) is not None:
+            axes.plot([p[0]], [p[1]], marker="*", markersize=14, linestyle="none", color="black",
+                      label=f"base ({row['model']})")
+            drawn += 1
+    if drawn:
+        axes.legend(fontsize=8)
+    else:
+        axes.text(0.5, 0.5, f"no model has both a profile and a {task} result yet", ha="center", va="center",
+                  transform=axes.transAxes)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(_metric_label(report, task))
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def figures(report: Report) -> dict[str, Figure]:
+    """The three plots, by file stem."""
+    seconds = f"{report.seconds_audio:g} s" if report.seconds_audio is not None else "the profiled length"
+    macs = (f"effective MACs, G per {seconds} of audio\n"
+            "(non-zero weights only; equal to dense MACs for non-sparse models)")
+    return {
+        "per_vs_macs": _figure(report, "PR", "macs_effective", "Phone recognition vs compute", macs),
+        "acc_vs_macs": _figure(report, "SID", "macs_effective", "Speaker identification vs compute", macs),
+        "per_vs_seconds": _figure(report, "PR", "median_seconds", "Phone recognition vs wall-clock time",
+                                  _seconds_label(report) if report.seconds_audio is not None else "median seconds"),
+    }
+
+
+def write_report(expdir: str | Path, outdir: str | Path | None = None) -> tuple[Report, list[Path]]:
+    """Read ``expdir``, write the table, plots and ``expdir/report.json``; returns the report and files written."""
+    expdir = Path(expdir)
+    outdir = Path(outdir) if outdir is not None else expdir
+    report = load_report(expdir)
+    written: list[Path] = []
+
+    def write(path: Path, data: bytes) -> None:
+        atomic_write_bytes(path, data)
+        written.append(path)
+
+    write(outdir / "report.md", markdown_report(report).encode())
+    write(outdir / "report.csv", csv_table(report).encode())
+    for name, figure in figures(report).items():
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=120)
+        write(outdir / f"{name}.png", png.getvalue())
+    merged = {"seconds_audio": report.seconds_audio, "rows": report.rows}
+    write(expdir / "report.json", (json.dumps(merged, indent=2, allow_nan=False) + "\n").encode())
+    return report, written
+
