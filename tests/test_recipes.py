@@ -11,15 +11,16 @@ from upstream_compressed.recipe import load_recipe, parse_recipe, technique_name
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
-TINY = sorted((REPO / "recipes" / "tiny").glob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "plan.yaml")  # plan: test_experiments
+TINY = sorted(p for p in (REPO / "recipes" / "tiny").glob("*.yaml") if p.name != "plan.yaml")
 TINY_AUDIO = "data/embedded_corpus/LibriSpeech/train-clean-100"  # relative to the repository root
 # recipe -> the technique (upstream hubert_<technique>) it must produce
 TINY_TECHNIQUES = {
     "kd": "kd", "kd_logits": "kd", "kd_head_lr": "kd_head_lr",
     "heads50_l1": "headpruned", "heads50_data_driven": "headpruned", "heads50_random": "headpruned",
     "heads50_l1_norecovery": "headpruned", "heads50_data_driven_norecovery": "headpruned",
-    "heads50_random_norecovery": "headpruned", "heads25_data_driven": "headpruned", "heads75_data_driven": "headpruned",
+    "heads50_random_norecovery": "headpruned", "heads50_diagonal_first": "headpruned",
+    "heads50_diagonal_last": "headpruned", "heads25_data_driven": "headpruned", "heads75_data_driven": "headpruned",
     "rows25": "rowpruned", "rows50": "rowpruned", "rows75": "rowpruned",
     "lowrank25": "lowrank", "lowrank50": "lowrank", "lowrank75": "lowrank",
     "wp50": "weightpruned", "wp70": "weightpruned", "wp90": "weightpruned",

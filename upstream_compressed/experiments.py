@@ -240,9 +240,11 @@ def run_downstream(
     folder.mkdir(parents=True)
     config = yaml.safe_load(plan.configs[task.key].read_text())
     override = corpus_override(task, plan.corpus)
-    if steps:
-        override += f",,config.runner.total_steps={steps}"
-        config["runner"]["total_steps"] = steps
+    if steps:  # fewer steps: evaluate and save within them, so a dev-best checkpoint exists
+        runner_cfg = config["runner"]
+        runner_cfg.update(total_steps=steps, eval_step=min(runner_cfg["eval_step"], steps),
+                          save_step=min(runner_cfg["save_step"], steps))
+        override += "".join(f",,config.runner.{k}={runner_cfg[k]}" for k in ("total_steps", "eval_step", "save_step"))
     upstream = ["-u", model["upstream"]] + (["-k", model["ckpt"]] if model.get("ckpt") else [])
     # S3PRL writes voxceleb1's file-list cache non-atomically: one cache per run, so parallel runs never race.
     env = {**env, "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(folder / "voxceleb1_cache")}
@@ -251,7 +253,10 @@ def run_downstream(
     _run([*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
           "-p", str(folder), "-o", override], folder / "train.log", env)
     trained = time.time() - started
-    output = _run([*runner, "-m", "evaluate", "-e", str(folder / "dev-best.ckpt")], folder / "evaluate.log", env)
+    best = folder / "dev-best.ckpt"
+    if not best.is_file():
+        raise RuntimeError(f"{folder}: training wrote no dev-best.ckpt (is eval_step larger than total_steps?)")
+    output = _run([*runner, "-m", "evaluate", "-e", str(best)], folder / "evaluate.log", env)
     found = re.findall(rf"test {task.metric}: ([0-9.eE+-]+)", output)
     if not found:
         raise RuntimeError(f"no 'test {task.metric}' in {folder / 'evaluate.log'}")

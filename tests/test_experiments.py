@@ -1,0 +1,83 @@
+"""Plans: the shipped one is valid, bad ones are refused naming the field, and a tiny plan runs end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from upstream_compressed.experiments import PlanError, load_plan, run_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """A real make-corpus corpus (espeak-ng speech, both layouts), as small as it goes."""
+    from upstream_compressed.embedded.synth_corpus import CorpusOptions, make_corpus
+
+    options = CorpusOptions(speakers=3, utterances=4, sid_utterances=5)
+    return make_corpus(tmp_path_factory.mktemp("synth") / "corpus", options, progress=False).root
+
+
+def test_shipped_tiny_plan_is_valid():
+    plan = load_plan(REPO / "recipes" / "tiny" / "plan.yaml")
+    names = [m.name for m in plan.models]
+    assert {"base", "random_init", "fbank", "kd", "kd_head_lr"} <= set(names)
+    assert all(Path(m.recipe).is_file() for m in plan.models if m.recipe)
+    shipped = {p.stem for p in (REPO / "recipes" / "tiny").glob("*.yaml")} - {"plan"}
+    assert {Path(m.recipe).stem for m in plan.models if m.recipe} == shipped  # every tiny recipe is scored
+
+
+def write_plan(tmp_path, models, **fields):
+    data = {"corpus": str(tmp_path), "pr_config": "downstream_configs/ctc_libriphone_tiny.yaml",
+            "sid_config": "downstream_configs/voxceleb1_tiny.yaml", "models": models, **fields}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("models, message", [
+    ([], "'models' is empty"),
+    ([{"name": "a"}], r"models\[0\]: each model needs 'name' and 'method'"),
+    ([{"name": "a", "method": "head_pruning"}], r"models\[0\]: method 'head_pruning' needs 'recipe'"),
+    ([{"name": "a", "method": "base", "recipe": "x.yaml"}], r"models\[0\]: method base takes no 'recipe'"),
+    ([{"name": "a", "method": "base"}, {"name": "a", "method": "fbank"}], r"models\[1\]: name 'a' must be unique"),
+    ([{"name": "a", "method": "x", "recipe": "missing.yaml"}], r"models\[0\]: recipe .*missing.yaml does not exist"),
+    ([{"name": "a", "method": "base", "colour": 1}], r"models\[0\]: unknown field\(s\) colour"),
+])
+def test_bad_plans_are_refused_naming_the_field(tmp_path, models, message):
+    with pytest.raises(PlanError, match=message):
+        load_plan(write_plan(tmp_path, models))
+
+
+def test_a_missing_config_or_corpus_variable_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_CORPUS", raising=False)
+    with pytest.raises(PlanError, match="environment variable NO_SUCH_CORPUS is not set"):
+        load_plan(write_plan(tmp_path, [{"name": "a", "method": "base"}], corpus="${NO_SUCH_CORPUS}/x"))
+    with pytest.raises(PlanError, match="pr_config: .*nope.yaml does not exist"):
+        load_plan(write_plan(tmp_path, [{"name": "a", "method": "base"}], pr_config="nope.yaml"))
+
+
+def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus):
+    """Base + a head-pruned recipe through S3PRL's real PR and SID; a second run reuses every result."""
+    recipe = tmp_path / "heads.yaml"
+    recipe.write_text(f"base: {hubert_ckpt}\nsteps:\n  - {{method: head_pruning, ratio: 0.5, criterion: l1}}\n")
+    plan = load_plan(write_plan(tmp_path, [
+        {"name": "base", "method": "base", "upstream": "hubert_local"},
+        {"name": "heads50", "method": "head_pruning", "rate": 0.5, "recipe": str(recipe), "upstream": "hubert_headpruned"},
+    ], base=str(hubert_ckpt)), corpus=str(tiny_corpus))
+    expdir = tmp_path / "exp"
+    results = run_plan(plan, expdir, ["pr", "sid"], jobs=2, progress=False, steps={"pr": 4, "sid": 4})
+    assert sorted((r["task"], r["model"]) for r in results) == [
+        ("PR", "base"), ("PR", "heads50"), ("SID", "base"), ("SID", "heads50")]
+    for r in results:
+        assert 0.0 <= r["test"] and r["steps"] == 4 and r["metric"] == {"PR": "per", "SID": "acc"}[r["task"]]
+    model = json.loads((expdir / "models" / "heads50" / "model.json").read_text())
+    assert model["upstream"] == "hubert_headpruned" and Path(model["ckpt"]).is_file()
+    assert (expdir / "downstream" / "pr_heads50" / "dev-best.ckpt").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in expdir.rglob("result.json")}
+    again = run_plan(plan, expdir, ["pr", "sid"], jobs=2, progress=False, steps={"pr": 4, "sid": 4})
+    assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in results)
+    assert {p: p.stat().st_mtime_ns for p in expdir.rglob("result.json")} == stamps  # nothing re-ran
