@@ -56,13 +56,14 @@ def _count_attention_like_fairseq(module: nn.Module, counter: LeaderboardMacCoun
 
 
 def utterance_macs(upstream: nn.Module, lengths: tuple[int, ...] = LENGTHS, device: str | torch.device = "cpu",
-                   seed: int = 0) -> list[int]:
+                   seed: int = 0, compute: bool = False) -> list[int]:
     """MACs of one forward per utterance (seeded random audio of ``lengths`` samples), in order.
 
-    Counted calls skip their arithmetic (see :class:`LeaderboardMacCounter`), so this is cheap on a CPU.
+    Counted calls skip their arithmetic (see :class:`LeaderboardMacCounter`), so this is cheap on a
+    CPU; ``compute=True`` runs them for real (same counts, as a test shows).
     """
     upstream.eval()  # as the leaderboard runs it
-    counter = LeaderboardMacCounter(skip_arithmetic=True)
+    counter = LeaderboardMacCounter(skip_arithmetic=not compute)
     handles = [_count_attention_like_fairseq(m, counter) for m in upstream.modules() if isinstance(m, SelfAttention)]
     parameter = next(upstream.parameters(), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
