@@ -136,3 +136,10 @@ def test_profile_cli_prints_the_form_fields(tmp_path, hubert_ckpt, capsys):
     assert list(values) == list(FORM_FIELDS)
     assert values["macs"] == sum(values[k] for k in FORM_FIELDS[1:5]) > 0
     assert np.all(np.diff([values[k] for k in FORM_FIELDS[1:5]]) > 0)  # longer buckets, more MACs
+
+
+def test_s3prl_distiller_and_ours_give_the_same_form(distiller_ckpt):
+    """DistilHuBERT (prediction heads included) through S3PRL's distiller_local and through our upstream."""
+    base = load_base(distiller_ckpt)
+    ours = superb_profile(UpstreamExpert(SpeechTransformer.from_state_dict(base.config, base.state_dict)))
+    assert superb_profile(load_upstream("distiller_local", str(distiller_ckpt))) == ours
