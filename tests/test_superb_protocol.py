@@ -127,7 +127,7 @@ def test_pruned_and_low_rank_structure_matches_the_formula(attention_dropout):
     lengths = LENGTHS[:3]
     expected = [protocol_macs(model.config, n) for n in lengths]
     assert utterance_macs(UpstreamExpert(model), lengths) == expected
-    assert utterance_macs(UpstreamExpert(model), lengths, compute=True) == expected  # skipping arithmetic changes nothing
+    assert utterance_macs(UpstreamExpert(model), lengths, compute=True) == expected  # skipping arithmetic: same
 
 
 def test_profile_cli_prints_the_form_fields(tmp_path, hubert_ckpt, capsys):

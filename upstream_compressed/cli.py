@@ -173,19 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     profile = commands.add_parser("profile", help="params, MACs, time, real-time factor and memory of an upstream")
-    profile.add_argument("-u", "--upstream", required=True, help="any upstream in s3prl.hub (ours, hubert_local, fbank, ...)")
+    profile.add_argument("-u", "--upstream", required=True,
+                         help="any upstream in s3prl.hub (ours, hubert_local, fbank, ...)")
     profile.add_argument("-k", "--ckpt", help="its checkpoint or delta (as run_downstream.py -k)")
     profile.add_argument("-g", "--upstream-config", help="its options yaml (as run_downstream.py -g)")
     profile.add_argument("--seconds", type=float, default=10.0, help="length of the audio (default 10 s)")
     profile.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     profile.add_argument("--repeats", type=int, default=5, help="timed forwards after one warm-up (default 5)")
-    profile.add_argument("--protocol", choices=["superb"], help="superb: the leaderboard's MAC protocol and form fields")
+    profile.add_argument("--protocol", choices=["superb"],
+                         help="superb: the leaderboard's MAC protocol, printed as its form's fields")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(run=_profile)
 
     submission = commands.add_parser("submission", help="predict.zip for the SUPERB leaderboard from evaluated expdirs")
     submission.add_argument("--pr", help="phone recognition expdir with a finished `-m evaluate` (test-hyp.ark)")
-    submission.add_argument("--sid", help="speaker identification expdir with a finished `-m evaluate` (test_predict.txt)")
+    submission.add_argument("--sid",
+                            help="speaker identification expdir with a finished `-m evaluate` (test_predict.txt)")
     submission.add_argument("-o", "--output", required=True, help="zip to write (e.g. predict.zip)")
     submission.add_argument("--vocab", help="phone vocabulary for PR (default: the vocab_file of the expdir's config)")
     submission.set_defaults(run=_submission)

@@ -17,7 +17,6 @@ included); on CPU, the process's peak resident set size (``VmHWM``, reset throug
 from __future__ import annotations
 
 import difflib
-import os
 import resource
 import statistics
 import time
@@ -44,7 +43,8 @@ def load_upstream(name: str, ckpt: str | None = None, model_config: str | None =
     names = sorted(n for n in dir(hub) if not n.startswith("_") and callable(getattr(hub, n)))
     if name not in names:
         close = difflib.get_close_matches(name, names, n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -c 'import s3prl.hub; print(dir(s3prl.hub))'`"
+        hint = (f"; did you mean {', '.join(close)}?" if close
+                else "; list them with `python -c 'import s3prl.hub; print(dir(s3prl.hub))'`")
         raise ProfileError(f"unknown upstream {name!r} (not in s3prl.hub after registering this plugin){hint}")
     if ckpt and not Path(ckpt).exists():
         raise ProfileError(f"checkpoint (-k) {ckpt} does not exist")
@@ -68,11 +68,13 @@ def _speech_transformer(upstream: nn.Module):
 
 
 def encoder_parameters(upstream: nn.Module) -> int | None:
-    """Parameters of the Transformer layer stack (ours: ``model.layers``; others: the largest ``*layers`` ModuleList)."""
+    """Parameters of the Transformer layer stack (ours: ``model.layers``; others: the largest ``*layers``
+    ModuleList)."""
     model = _speech_transformer(upstream)
     if model is not None:
         return model.num_parameters(encoder_only=True)
-    stacks = [m for n, m in upstream.named_modules() if isinstance(m, nn.ModuleList) and n.split(".")[-1].endswith("layers")]
+    stacks = [m for n, m in upstream.named_modules()
+              if isinstance(m, nn.ModuleList) and n.split(".")[-1].endswith("layers")]
     if not stacks:
         return None
     return max(sum(p.numel() for p in m.parameters()) for m in stacks)

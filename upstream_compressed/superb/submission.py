@@ -112,7 +112,8 @@ def _finished_outputs(expdir: Path, output: str, reference: str, what: str) -> l
 
 def read_phone_vocab(path: Path) -> set[str]:
     if not path.is_file():
-        raise SubmissionError(f"phone vocabulary {path} does not exist; pass the vocab_file of the PR config with --vocab")
+        raise SubmissionError(f"phone vocabulary {path} does not exist; "
+                              "pass the vocab_file of the PR config with --vocab")
     return {line.strip() for line in path.read_text().splitlines() if line.strip()}
 
 
@@ -138,7 +139,8 @@ def check_pr(expdir: str | Path, vocab: str | Path | None = None) -> TaskFile:
     source = expdir / "test-hyp.ark"
     for number, (key, hypothesis) in enumerate(pairs, start=1):
         if not LIBRISPEECH_ID.fullmatch(key):
-            raise SubmissionError(f"{source}:{number}: {key!r} is not a LibriSpeech utterance id (speaker-chapter-utterance)")
+            raise SubmissionError(f"{source}:{number}: {key!r} is not a LibriSpeech utterance id "
+                                  "(speaker-chapter-utterance)")
         unknown = [p for p in hypothesis.split() if p not in phones]
         if unknown:
             raise SubmissionError(f"{source}:{number}: phones {unknown[:5]} are not in the vocabulary {vocab_path}")
