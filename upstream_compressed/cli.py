@@ -137,11 +137,14 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _submission(args: argparse.Namespace) -> int:
-    from .superb.submission import write_submission
+    from .superb.submission import PUBLIC_TEST_UTTERANCES, write_submission
 
     files = write_submission(args.output, pr=args.pr, sid=args.sid, vocab=args.vocab)
     for task in files:
         print(f"{task.task}: {task.lines} utterances from {task.source} -> {task.member}")
+        if task.lines != PUBLIC_TEST_UTTERANCES[task.task]:
+            print(f"note: the public {task.task} test set has {PUBLIC_TEST_UTTERANCES[task.task]} utterances; "
+                  "the server scores only the keys present", file=sys.stderr)
     print(f"wrote {args.output}")
     return 0
 
