@@ -1,4 +1,5 @@
-"""``upstream-compressed``: compress a base by a recipe, inspect the delta it writes, report an experiment."""
+"""``upstream-compressed``: compress a base by a recipe, inspect and export the delta it writes, profile
+any upstream, run and report experiments, analyse heads, and package SUPERB leaderboard submissions."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
   upstream-compressed inspect OUT.safetensors [--json]
   upstream-compressed analyse heads (--upstream OUT.safetensors | --base CKPT) --audio DIR [-o OUTDIR]
   upstream-compressed report EXPDIR [-o OUTDIR]
+  upstream-compressed export OUT.safetensors -o FULL.ckpt          # one file, no base needed
+  upstream-compressed profile -u NAME [-k CKPT] [--seconds 10] [--device cpu|cuda] [--json]
+  upstream-compressed profile -u NAME [-k CKPT] --protocol superb [--json]
+  upstream-compressed submission --pr EXPDIR --sid EXPDIR -o predict.zip
 
 The delta then runs as an S3PRL upstream:
   run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
@@ -160,6 +165,57 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .delta import check_base, export_self_contained, read_delta, write_delta
+    from .hubconf import find_base
+    from .model.convert import load_base
+
+    delta = read_delta(args.delta)
+    if delta.self_contained:
+        raise DeltaError(f"{args.delta} is already self-contained; copy it instead")
+    base_path = find_base(delta, Path(args.delta), args.upstream_config, refresh=False)
+    check_base(delta, base_path)  # the base's sha256 must match the one the delta records
+    full = export_self_contained(delta, load_base(base_path))
+    path = write_delta(full, args.output)
+    print(f"wrote {path}: self-contained {delta.technique} model, {len(full.tensors)} tensors, "
+          f"{path.stat().st_size / 2**20:.1f} MiB; load it with -u compressed_local -k {path}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from .upstream_profile import format_profile, load_upstream, profile_upstream, resolve_device
+
+    if args.protocol == "superb":
+        from .superb.protocol import FORM_FIELDS, superb_profile
+
+        device = resolve_device(args.device)
+        values = superb_profile(load_upstream(args.upstream, args.ckpt, args.upstream_config), device)
+        if args.json:
+            print(json.dumps(values))
+        else:
+            print(f"SUPERB leaderboard profile of {args.upstream} (32 test-clean lengths, one utterance per forward)")
+            for name in FORM_FIELDS:
+                print(f"{name:<12}{values[name]}")
+        return 0
+    upstream = load_upstream(args.upstream, args.ckpt, args.upstream_config)
+    result = profile_upstream(upstream, args.upstream, args.seconds, args.device, args.repeats)
+    print(json.dumps(result) if args.json else format_profile(result))
+    return 0
+
+
+def _submission(args: argparse.Namespace) -> int:
+    from .superb.submission import PUBLIC_TEST_UTTERANCES, write_submission
+
+    files = write_submission(args.output, pr=args.pr, sid=args.sid, vocab=args.vocab)
+    for task in files:
+        print(f"{task.task}: {task.lines} utterances from {task.source} -> {task.member}")
+        if task.lines != PUBLIC_TEST_UTTERANCES[task.task]:
+            print(f"note: the public {task.task} test set has {PUBLIC_TEST_UTTERANCES[task.task]} utterances; "
+                  "the server scores only the keys present", file=sys.stderr)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -224,6 +280,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "downstream/<task>_<model>/result.json (its merged rows go to EXPDIR/report.json)")
     report.add_argument("-o", "--output", help="folder for report.md, report.csv and the PNG plots (default: EXPDIR)")
     report.set_defaults(run=_report)
+    export = commands.add_parser("export", help="write a self-contained checkpoint (full weights, no base needed)")
+    export.add_argument("delta", help="a .safetensors delta")
+    export.add_argument("-o", "--output", required=True, help="file to write; loads with -u compressed_local -k FILE")
+    export.add_argument("-g", "--upstream-config", help="options yaml with `base: PATH` (else the usual base search)")
+    export.set_defaults(run=_export)
+
+    profile = commands.add_parser("profile", help="params, MACs, time, real-time factor and memory of an upstream")
+    profile.add_argument("-u", "--upstream", required=True,
+                         help="any upstream in s3prl.hub (ours, hubert_local, fbank, ...)")
+    profile.add_argument("-k", "--ckpt", help="its checkpoint or delta (as run_downstream.py -k)")
+    profile.add_argument("-g", "--upstream-config", help="its options yaml (as run_downstream.py -g)")
+    profile.add_argument("--seconds", type=float, default=10.0, help="length of the audio (default 10 s)")
+    profile.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    profile.add_argument("--repeats", type=int, default=5, help="timed forwards after one warm-up (default 5)")
+    profile.add_argument("--protocol", choices=["superb"],
+                         help="superb: the leaderboard's MAC protocol, printed as its form's fields")
+    profile.add_argument("--json", action="store_true", help="print one JSON object")
+    profile.set_defaults(run=_profile)
+
+    submission = commands.add_parser("submission", help="predict.zip for the SUPERB leaderboard from evaluated expdirs")
+    submission.add_argument("--pr", help="phone recognition expdir with a finished `-m evaluate` (test-hyp.ark)")
+    submission.add_argument("--sid",
+                            help="speaker identification expdir with a finished `-m evaluate` (test_predict.txt)")
+    submission.add_argument("-o", "--output", required=True, help="zip to write (e.g. predict.zip)")
+    submission.add_argument("--vocab", help="phone vocabulary for PR (default: the vocab_file of the expdir's config)")
+    submission.set_defaults(run=_submission)
     return parser
 
 
@@ -232,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .model.convert import CheckpointError
     from .recipe import RecipeError
     from .report import ReportError
+    from .superb.submission import SubmissionError
+    from .upstream_profile import ProfileError
 
     args = build_parser().parse_args(argv)
     if getattr(args, "analysis", None) == "heads":
@@ -239,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser().error("--diagonal-band must be >= 0; --max-utterances, --batch-size, --projections > 0")
     try:
         return args.run(args)
-    except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError) as error:
+    except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError, ProfileError,
+            SubmissionError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 

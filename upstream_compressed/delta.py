@@ -11,6 +11,11 @@ row-major order, only if they differ from the sliced base's (pruning without rec
 only). The manifest's ``sparse_tensors`` gives each one's shape and number of kept values.
 
 Loading = read base, verify its sha256, slice by the kept indices, overwrite with the delta tensors.
+
+A self-contained file (format version 3, ``upstream-compressed export``) holds every tensor of the
+compressed model (masked weights still as mask + kept values) and needs no base; its manifest keeps
+the base identity as provenance only.
+
 Every problem is reported as one :class:`DeltaError` whose message names it.
 """
 
@@ -37,7 +42,8 @@ from .model.sparse import masked_linears
 FORMAT_NAME = "upstream_compressed.delta"
 FORMAT_VERSION = 1  # written when no tensor is stored sparse, so dense deltas stay readable by older code
 SPARSE_FORMAT_VERSION = 2  # adds sparse (mask + kept values) tensors
-READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION)
+SELF_CONTAINED_FORMAT_VERSION = 3  # every tensor stored: no base needed (older readers refuse it)
+READABLE_VERSIONS = (FORMAT_VERSION, SPARSE_FORMAT_VERSION, SELF_CONTAINED_FORMAT_VERSION)
 MASK_SUFFIX = ".__mask"
 VALUES_SUFFIX = ".__values"
 MANIFEST_KEY = "upstream_compressed.manifest"
@@ -204,6 +210,10 @@ class Delta:
     def base_family(self) -> str:
         return self.manifest["base"]["family"]
 
+    @property
+    def self_contained(self) -> bool:
+        return self.manifest.get("format_version") == SELF_CONTAINED_FORMAT_VERSION
+
 
 def make_delta(
     base: Converted,
@@ -303,6 +313,8 @@ def read_delta(path: str | os.PathLike) -> Delta:
             f"{path}: delta format version {version} is not supported by this upstream_compressed "
             f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade the package or re-create the delta"
         )
+    if (version == SELF_CONTAINED_FORMAT_VERSION) != bool(manifest.get("self_contained")):
+        raise DeltaError(f"{path}: format version {version} and self_contained={manifest.get('self_contained')} disagree")
     if manifest.get("sparse_tensors") and version < SPARSE_FORMAT_VERSION:
         raise DeltaError(f"{path}: sparse tensors need format version {SPARSE_FORMAT_VERSION}, the file says {version}")
     if _tensor_digest(tensors) != manifest.get("tensors_sha256"):
@@ -332,8 +344,11 @@ def check_base(delta: Delta, base_path: str | os.PathLike) -> None:
         )
 
 
-def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
-    """Build the compressed model: slice the base by the structure, then overwrite with the delta tensors."""
+def apply_delta(delta: Delta, base: Converted | None) -> SpeechTransformer:
+    """Build the compressed model: slice the base by the structure, then overwrite with the delta tensors.
+
+    A self-contained delta needs no base (pass None): all its tensors are in the file.
+    """
     try:
         config = delta.config
         structure = delta.structure
@@ -341,7 +356,9 @@ def apply_delta(delta: Delta, base: Converted) -> SpeechTransformer:
         raise DeltaError(f"the delta's config/structure is invalid: {error}") from error
     if len(structure.layers) != config.num_layers:
         raise DeltaError(f"structure has {len(structure.layers)} layers but the config {config.num_layers}")
-    reference = slice_base(base, structure)
+    if base is None and not delta.self_contained:
+        raise DeltaError("this delta stores only what differs from its base: the base checkpoint is needed")
+    reference = {} if delta.self_contained else slice_base(base, structure)
     with torch.device("meta"):
         target = SpeechTransformer(config).state_dict()
     sparse = _sparse_tensors(delta, reference, target)
@@ -426,9 +443,14 @@ def find_mean_std(delta: Delta, base_path: str | os.PathLike, explicit: str | os
     return path
 
 
-def build_compressed(delta: Delta, base_path: str | os.PathLike, mean_std: str | os.PathLike | None = None,
+def build_compressed(delta: Delta, base_path: str | os.PathLike | None, mean_std: str | os.PathLike | None = None,
                      search: Sequence[str | os.PathLike] = ()) -> SpeechTransformer:
-    """Verify ``base_path`` (and a MelHuBERT base's statistics file) and build the compressed model."""
+    """Verify ``base_path`` (and a MelHuBERT base's statistics file) and build the compressed model.
+
+    A self-contained delta needs no base: ``base_path`` is then ignored.
+    """
+    if delta.self_contained:
+        return apply_delta(delta, None)
     check_base(delta, base_path)
     stats = find_mean_std(delta, base_path, mean_std, search)
     try:
@@ -443,3 +465,27 @@ def load_compressed(delta_path: str | os.PathLike, base_path: str | os.PathLike,
     """Read a delta, verify its base file, and build the compressed model."""
     delta = read_delta(delta_path)
     return build_compressed(delta, base_path, mean_std, search=[Path(delta_path).parent]), delta
+
+
+def export_self_contained(delta: Delta, base: Converted) -> Delta:
+    """``delta`` with every tensor of its compressed model stored, so loading it needs no base.
+
+    Masked (weight-pruned) weights stay sparse: packed mask plus all kept values.
+    """
+    if delta.self_contained:
+        return delta
+    model = apply_delta(delta, base)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    tensors: dict[str, Tensor] = {}
+    for name in _masked_weight_names(model):
+        weight, mask = state.pop(name), state.pop(_mask_name(name))
+        tensors[name + MASK_SUFFIX] = pack_mask(mask)
+        tensors[name + VALUES_SUFFIX] = weight.flatten()[mask.flatten().nonzero().squeeze(1)]
+    tensors.update(state)
+    manifest = {
+        **copy.deepcopy(delta.manifest),
+        "format_version": SELF_CONTAINED_FORMAT_VERSION,
+        "self_contained": True,
+        "tensors_sha256": _tensor_digest(tensors),
+    }
+    return Delta(manifest, tensors)

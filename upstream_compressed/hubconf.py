@@ -1,10 +1,10 @@
 """The upstream entry functions that :func:`upstream_compressed.register` adds to ``s3prl.hub``.
 
 Each is called by S3PRL's runner as ``fn(ckpt=<-k>, model_config=<-g>, refresh=<-r>)``. ``ckpt`` is a
-delta file; its base checkpoint is found, in this order, from: the ``-g`` options yaml
-(``base: PATH``), the ``UPSTREAM_COMPRESSED_BASE`` environment variable, the path recorded in the
-delta, a file of the recorded name beside the delta, and finally S3PRL's own download of a known
-base name (needs network).
+delta file, or a self-contained file written by ``upstream-compressed export`` (which needs no base).
+A delta's base checkpoint is found, in this order, from: the ``-g`` options yaml (``base: PATH``),
+the ``UPSTREAM_COMPRESSED_BASE`` environment variable, the path recorded in the delta, a file of the
+recorded name beside the delta, and finally S3PRL's own download of a known base name (needs network).
 
 Weight-pruned Linears run dense or through a sparse kernel: the ``-g`` yaml's ``sparse_execution``
 (``auto``, ``dense`` or ``sparse``), else the ``UPSTREAM_COMPRESSED_SPARSE_EXECUTION`` environment
@@ -100,7 +100,8 @@ def load_upstream(
             f"{delta_path} was made by technique {delta.technique!r}, but the upstream name says "
             f"{technique!r}; use -u {delta.base_family}_{delta.technique} or compressed_local"
         )
-    base_path = find_base(delta, delta_path, model_config, refresh)
+    # A self-contained file (`upstream-compressed export`) carries every tensor: no base to find.
+    base_path = None if delta.self_contained else find_base(delta, delta_path, model_config, refresh)
     execution = _options(model_config).get("sparse_execution")
     try:
         resolve_execution(execution, where=f"upstream options file (-g) {model_config}: sparse_execution")

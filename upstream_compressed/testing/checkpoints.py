@@ -13,6 +13,10 @@ import torch
 
 # A front end with HuBERT's total stride (320) and receptive field (400 samples), but narrow.
 TINY_CONV_LAYERS = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"
+HUBERT_BASE_CONV_LAYERS = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
+# HuBERT Base's shape (fairseq's hubert_base_ls960: 504 k-means targets, final_dim 256).
+HUBERT_BASE = dict(layers=12, dim=768, ffn=3072, heads=12, conv_layers=HUBERT_BASE_CONV_LAYERS, conv_pos=128,
+                   conv_pos_groups=16, final_dim=256, num_classes=504)
 
 
 def _randomize_norms(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -45,8 +49,17 @@ def make_hubert_checkpoint(
     conv_layers: str = TINY_CONV_LAYERS,
     conv_pos: int = 16,
     conv_pos_groups: int = 4,
+    final_dim: int | None = None,
+    num_classes: int = 10,
+    required_seq_len_multiple: int | None = None,
 ) -> Path:
-    """Write a random HuBERT in S3PRL's converted format (``hubert_local`` reads it)."""
+    """Write a random HuBERT in S3PRL's converted format (``hubert_local`` reads it).
+
+    ``final_dim`` (default ``dim // 2``) and ``num_classes`` size the pre-training-only tensors
+    (``final_proj``, ``label_embs_concat``); ``required_seq_len_multiple`` (S3PRL's default 2 when
+    omitted) pads the encoder's input to a multiple of that many frames. ``**HUBERT_BASE`` gives
+    HuBERT Base's shape.
+    """
     from s3prl.upstream.hubert.hubert_model import (
         HubertConfig,
         HubertModel,
@@ -65,12 +78,14 @@ def make_hubert_checkpoint(
         conv_feature_layers=conv_layers,
         conv_pos=conv_pos,
         conv_pos_groups=conv_pos_groups,
-        final_dim=dim // 2,
+        final_dim=dim // 2 if final_dim is None else final_dim,
     )
+    if required_seq_len_multiple is not None:
+        model_cfg["required_seq_len_multiple"] = required_seq_len_multiple
     task_cfg = dict(label_rate=50, sample_rate=16000, normalize=normalize)
-    dictionaries_symbols = [[str(i) for i in range(10)]]
+    dictionaries_symbols = [[str(i) for i in range(num_classes)]]
     model = HubertModel(
-        HubertConfig(**model_cfg), HubertPretrainingConfig(**task_cfg), [list(range(10))]
+        HubertConfig(**model_cfg), HubertPretrainingConfig(**task_cfg), [list(range(num_classes))]
     )
     _randomize_norms(model, torch.Generator().manual_seed(seed + 1))
     return _save(

@@ -1,0 +1,205 @@
+"""Profile any S3PRL upstream: parameters, MACs, wall-clock time, real-time factor, peak memory.
+
+The upstream is built exactly as S3PRL's runner builds it (``getattr(s3prl.hub, NAME)(ckpt=...,
+model_config=..., refresh=...)``) after this plugin registered its entries, so NAME may be one of
+ours (``hubert_headpruned``, ``compressed_local``, ...) or any of S3PRL's (``hubert_local``, ``fbank``, ...).
+
+MACs: for our upstreams they are counted on the SpeechTransformer inside (``profile.count_macs``,
+with the effective count for weight-pruned models); for any other upstream, on the whole module
+with ``FlopCounterMode`` (FLOPs / 2).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one forward (the weights
+included); on CPU, the process's peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` just before the forward; the weights, Python and libraries included).
+``peak_memory_forward_bytes`` is the part above what was in use just before the forward.
+"""
+
+from __future__ import annotations
+
+import difflib
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+SAMPLE_RATE = 16000
+
+
+class ProfileError(Exception):
+    """An upstream that cannot be profiled as asked (unknown name, missing file, no CUDA, ...)."""
+
+
+def load_upstream(name: str, ckpt: str | None = None, model_config: str | None = None) -> nn.Module:
+    """The upstream ``name`` as ``run_downstream.py -u NAME -k CKPT -g CONFIG`` builds it."""
+    import upstream_compressed
+
+    upstream_compressed.register()
+    import s3prl.hub as hub
+
+    names = sorted(n for n in dir(hub) if not n.startswith("_") and callable(getattr(hub, n)))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5)
+        hint = (f"; did you mean {', '.join(close)}?" if close
+                else "; list them with `python -c 'import s3prl.hub; print(dir(s3prl.hub))'`")
+        raise ProfileError(f"unknown upstream {name!r} (not in s3prl.hub after registering this plugin){hint}")
+    if ckpt and not Path(ckpt).exists():
+        raise ProfileError(f"checkpoint (-k) {ckpt} does not exist")
+    if model_config and not Path(model_config).exists():
+        raise ProfileError(f"upstream options file (-g) {model_config} does not exist")
+    return getattr(hub, name)(ckpt=ckpt, model_config=model_config, refresh=False)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ProfileError(f"unknown device {device!r}; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProfileError("--device cuda asked, but torch sees no CUDA device here; use --device cpu")
+    return torch.device(device)
+
+
+def _speech_transformer(upstream: nn.Module):
+    from .expert import UpstreamExpert
+
+    return upstream.model if isinstance(upstream, UpstreamExpert) else None
+
+
+def encoder_parameters(upstream: nn.Module) -> int | None:
+    """Parameters of the Transformer layer stack (ours: ``model.layers``; others: the largest ``*layers``
+    ModuleList)."""
+    model = _speech_transformer(upstream)
+    if model is not None:
+        return model.num_parameters(encoder_only=True)
+    stacks = [m for n, m in upstream.named_modules()
+              if isinstance(m, nn.ModuleList) and n.split(".")[-1].endswith("layers")]
+    if not stacks:
+        return None
+    return max(sum(p.numel() for p in m.parameters()) for m in stacks)
+
+
+def count_upstream_macs(upstream: nn.Module, seconds: float, device: torch.device) -> tuple[int, int | None]:
+    """(dense MACs, effective MACs or None when unknown) of one forward on ``seconds`` of audio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model.sparse import masked_linears
+    from .profile import count_effective_macs, count_macs  # also registers the CPU attention formula
+
+    model = _speech_transformer(upstream)
+    if model is not None:
+        dense = count_macs(model, seconds)
+        has_masks = next(masked_linears(model), None) is not None
+        return dense, count_effective_macs(model, seconds) if has_masks else dense
+    wav = torch.zeros(int(seconds * SAMPLE_RATE), device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        upstream([wav])
+    return counter.get_total_flops() // 2, None
+
+
+def median_seconds(run: Callable[[], Any], repeats: int, warmup: int, cuda: bool) -> float:
+    """Median wall-clock seconds of ``run()`` over ``repeats`` after ``warmup`` untimed calls."""
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[int, int, str]:
+    """(peak bytes during ``run()``, the part above the level before it, how it was measured)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak, peak - before, "torch.cuda.max_memory_allocated"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+        before = _proc_status_bytes("VmRSS")
+        run()
+        peak = _proc_status_bytes("VmHWM")
+        return peak, peak - before, "process peak RSS (VmHWM, reset before the forward)"
+    except OSError:  # not Linux: the high-water mark since start cannot be reset, so only its growth
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        run()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak - before, "ru_maxrss (peak RSS since start; forward part is a lower bound)"
+
+
+def profile_upstream(
+    upstream: nn.Module, name: str, seconds: float = 10.0, device: str = "cpu", repeats: int = 5, warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything ``upstream-compressed profile`` reports, as one flat dict."""
+    if seconds <= 0:
+        raise ProfileError(f"--seconds must be positive, not {seconds}")
+    if repeats < 1:
+        raise ProfileError(f"--repeats must be at least 1, not {repeats}")
+    target = resolve_device(device)
+    upstream = upstream.eval().to(target)
+    params = sum(p.numel() for p in upstream.parameters())
+    macs, macs_effective = count_upstream_macs(upstream, seconds, target)
+    generator = torch.Generator().manual_seed(seed)
+    wav = (0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator)).to(target)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            upstream([wav])
+
+    median = median_seconds(forward, repeats, warmup, cuda=target.type == "cuda")
+    peak, peak_forward, measure = peak_memory(forward, target)
+    return {
+        "upstream": name,
+        "device": str(target),
+        "threads": torch.get_num_threads() if target.type == "cpu" else None,
+        "params": params,
+        "params_encoder": encoder_parameters(upstream),
+        "macs": macs,
+        "macs_effective": macs_effective,
+        "seconds_audio": seconds,
+        "median_seconds": median,
+        "repeats": repeats,
+        "rtf": median / seconds,
+        "peak_memory_bytes": peak,
+        "peak_memory_forward_bytes": peak_forward,
+        "peak_memory_measure": measure,
+    }
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """A short human-readable table of :func:`profile_upstream`'s result."""
+    def number(value: int | None, unit: str = "") -> str:
+        return "n/a" if value is None else f"{value:,}{unit}"
+
+    mib = 1 << 20
+    lines = [
+        f"upstream        {result['upstream']} on {result['device']}"
+        + (f" ({result['threads']} threads)" if result.get("threads") else ""),
+        f"params          {number(result['params'])} (encoder layers {number(result['params_encoder'])})",
+        f"MACs            {result['macs'] / 1e9:.2f} G per {result['seconds_audio']:g} s of audio"
+        + ("" if result["macs_effective"] in (None, result["macs"])
+           else f" (effective, non-zero weights only: {result['macs_effective'] / 1e9:.2f} G)"),
+        f"time            {result['median_seconds'] * 1000:.1f} ms median of {result['repeats']} "
+        f"(real-time factor {result['rtf']:.4f})",
+        f"peak memory     {result['peak_memory_bytes'] / mib:.1f} MiB "
+        f"({result['peak_memory_forward_bytes'] / mib:.1f} MiB above the level before the forward; "
+        f"{result['peak_memory_measure']})",
+    ]
+    return "\n".join(lines)
