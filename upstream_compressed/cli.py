@@ -117,8 +117,8 @@ Results land in EXPDIR/models/<model>/ and EXPDIR/downstream/<task>_<model>/resu
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments import PlanError, load_plan, run_plan
 
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not tasks or any(t not in ("pr", "sid") for t in tasks):
+    tasks = [] if args.no_downstream else [t for t in args.tasks.split(",") if t]
+    if (not tasks and not args.no_downstream) or any(t not in ("pr", "sid") for t in tasks):
         raise PlanError(f"--tasks {args.tasks!r}: give a comma-separated subset of pr,sid")
     plan = load_plan(args.plan, corpus=args.corpus)
     try:
@@ -126,6 +126,7 @@ def _experiment(args: argparse.Namespace) -> int:
             plan, Path(args.expdir), tasks, jobs=args.jobs, device=args.device, threads=args.threads,
             models=args.models.split(",") if args.models else None,
             steps={"pr": args.pr_steps, "sid": args.sid_steps}, progress=not args.quiet,
+            profile_seconds=args.profile_seconds,
         )
     except RuntimeError as error:
         print(f"upstream-compressed experiment: {error}", file=sys.stderr)
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
     experiment.add_argument("--pr-steps", type=int, help="override the PR config's total_steps")
     experiment.add_argument("--sid-steps", type=int, help="override the SID config's total_steps")
+    experiment.add_argument("--profile-seconds", type=float, help="also profile every model on this many seconds "
+                            "of audio (CPU, one at a time, after training) into models/<model>/profile.json")
+    experiment.add_argument("--no-downstream", action="store_true", help="only make (and profile) the models")
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     experiment.set_defaults(run=_experiment)
 

@@ -13,10 +13,14 @@ checkpoint, S3PRL's ``fbank`` baseline, or the base architecture with random wei
       - {name: fbank, method: fbank, upstream: fbank}
       - {name: random, method: random_init}
 
+Real data sets instead of a make-corpus folder: ``data: {librispeech: DIR, lexicon: FILE, vocab: FILE,
+voxceleb1: DIR, voxceleb1_split: iden_split.txt}`` (each overrides what ``corpus`` would give).
+
 Everything lands in EXPDIR in the layout ``upstream-compressed report`` reads::
 
     EXPDIR/models/<model>/model.json          what the model is (method, rate, upstream, ckpt)
     EXPDIR/models/<model>/delta.safetensors   for recipe models
+    EXPDIR/models/<model>/profile.json        with profile_seconds (``--profile-seconds``)
     EXPDIR/downstream/<task>_<model>/         S3PRL's expdir; result.json once tested
 
 Each stage skips work already done (a delta, a result.json), so a killed job resumes; downstream
@@ -56,6 +60,7 @@ class ModelSpec:
     upstream: str | None = None
     recipe: str | None = None
     ckpt: str | None = None
+    downstream_lr: float | None = None  # replaces the downstream configs' learning rate for this model
 
 
 @dataclass(frozen=True)
@@ -75,10 +80,22 @@ TASKS = {
 @dataclass
 class Plan:
     path: Path
-    corpus: Path
+    corpus: Path | None
     base: str
     configs: dict[str, Path]
     models: list[ModelSpec]
+    data: dict[str, Path]  # DATA_KEYS -> paths the downstreams read
+    override_base: bool = False  # compress every recipe on ``base`` instead of the recipe's own base
+
+
+# What the downstreams read; a make-corpus folder provides all of them, `data:` can name each (real data).
+DATA_KEYS = ("librispeech", "lexicon", "vocab", "voxceleb1", "voxceleb1_split")
+TASK_DATA = {"pr": ("librispeech", "lexicon", "vocab"), "sid": ("voxceleb1", "voxceleb1_split")}
+
+
+def _corpus_data(corpus: Path) -> dict[str, Path]:
+    return {"librispeech": corpus / "LibriSpeech", "lexicon": corpus / "lexicon.txt", "vocab": corpus / "phoneme.txt",
+            "voxceleb1": corpus / "VoxCeleb1", "voxceleb1_split": corpus / "VoxCeleb1" / "iden_split.txt"}
 
 
 def _expand(value: str, where: str) -> str:
@@ -100,9 +117,15 @@ def load_plan(path: str | os.PathLike, corpus: str | None = None) -> Plan:
     if not path.is_file():
         raise PlanError(f"plan {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    if corpus is None and "corpus" not in data:
-        raise PlanError(f"{path}: no 'corpus:' field and no --corpus given")
-    corpus_path = _path(corpus or str(data["corpus"]), REPO_ROOT, f"{path}: corpus")
+    given = data.get("data") or {}
+    if not isinstance(given, dict) or set(given) - set(DATA_KEYS):
+        raise PlanError(f"{path}: 'data' must map some of {', '.join(DATA_KEYS)} to paths")
+    corpus_value = corpus or data.get("corpus")
+    if corpus_value is None and set(given) != set(DATA_KEYS):
+        raise PlanError(f"{path}: no 'corpus:' field, no --corpus, and 'data:' does not name all of {', '.join(DATA_KEYS)}")
+    corpus_path = _path(str(corpus_value), REPO_ROOT, f"{path}: corpus") if corpus_value is not None else None
+    paths = _corpus_data(corpus_path) if corpus_path is not None else {}
+    paths.update({k: _path(str(v), REPO_ROOT, f"{path}: data.{k}") for k, v in given.items()})
     configs = {}
     for key in TASKS:
         field = f"{key}_config"
@@ -138,7 +161,8 @@ def load_plan(path: str | os.PathLike, corpus: str | None = None) -> Plan:
         models.append(spec)
     if not models:
         raise PlanError(f"{path}: 'models' is empty")
-    return Plan(path, corpus_path, str(data.get("base", "tiny_hubert")), configs, models)
+    return Plan(path, corpus_path, str(data.get("base", "tiny_hubert")), configs, models, paths,
+                bool(data.get("override_base", False)))
 
 
 # ----------------------------------------------------------------------------------- models
@@ -175,7 +199,8 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
     if info_file.is_file():
         return json.loads(info_file.read_text())
     folder.mkdir(parents=True, exist_ok=True)
-    info: dict[str, Any] = {"model": spec.name, "method": spec.method, "rate": spec.rate, "recipe": spec.recipe}
+    info: dict[str, Any] = {"model": spec.name, "method": spec.method, "rate": spec.rate, "recipe": spec.recipe,
+                            "downstream_lr": spec.downstream_lr}
     if spec.method == "base":
         info.update(upstream=spec.upstream or "hubert_local", ckpt=str(resolve_base(plan.base)))
     elif spec.method == "fbank":
@@ -191,7 +216,8 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
         delta = folder / "delta.safetensors"
         if not delta.is_file():
             started = time.time()
-            _run(_cli("compress", spec.recipe, "-o", str(delta), "--work-dir", str(folder / "work")),
+            base = ["--base", plan.base] if plan.override_base else []
+            _run(_cli("compress", spec.recipe, "-o", str(delta), "--work-dir", str(folder / "work"), *base),
                  folder / "compress.log", env)
             info["compress_seconds"] = round(time.time() - started, 1)
         info.update(upstream=spec.upstream or "compressed_local", ckpt=str(delta))
@@ -212,18 +238,34 @@ def _random_like(base: Path, target: Path) -> None:
              init_only=True, command=["upstream-compressed", "pretrain", "--init-only"], progress=False)
 
 
+def profile_model(model: dict[str, Any], expdir: Path, env: dict[str, str], seconds: float, device: str) -> dict:
+    """``upstream-compressed profile`` of one model into models/<name>/profile.json (kept once written)."""
+    target = expdir / "models" / model["model"] / "profile.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    command = _cli("profile", "-u", model["upstream"], "--seconds", str(seconds), "--device", device, "--json")
+    if model.get("ckpt"):
+        command += ["-k", model["ckpt"]]
+    output = _run(command, target.with_name("profile.log"), env)
+    profile = json.loads(output.strip().splitlines()[-1])
+    if profile.get("macs_effective") is None:  # a dense upstream profiled generically: every MAC is effective
+        profile["macs_effective"] = profile["macs"]
+    _write_json(profile, target)
+    return profile
+
+
 # ----------------------------------------------------------------------------------- downstream
-def corpus_override(task: Task, corpus: Path) -> str:
-    """S3PRL ``-o`` overrides that point a downstream config at a make-corpus corpus."""
+def corpus_override(task: Task, data: dict[str, Path]) -> str:
+    """S3PRL ``-o`` overrides that point a downstream config at the plan's data."""
     if task.downstream == "ctc":
         return (
-            f"config.downstream_expert.corpus.path={corpus / 'LibriSpeech'},,"
-            f"config.downstream_expert.corpus.lexicon={corpus / 'lexicon.txt'},,"
-            f"config.downstream_expert.text.vocab_file={corpus / 'phoneme.txt'}"
+            f"config.downstream_expert.corpus.path={data['librispeech']},,"
+            f"config.downstream_expert.corpus.lexicon={data['lexicon']},,"
+            f"config.downstream_expert.text.vocab_file={data['vocab']}"
         )
     return (
-        f"config.downstream_expert.datarc.file_path={corpus / 'VoxCeleb1'},,"
-        f"config.downstream_expert.datarc.meta_data={corpus / 'VoxCeleb1' / 'iden_split.txt'}"
+        f"config.downstream_expert.datarc.file_path={data['voxceleb1']},,"
+        f"config.downstream_expert.datarc.meta_data={data['voxceleb1_split']}"
     )
 
 
@@ -239,12 +281,15 @@ def run_downstream(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     config = yaml.safe_load(plan.configs[task.key].read_text())
-    override = corpus_override(task, plan.corpus)
+    override = corpus_override(task, plan.data)
     if steps:  # fewer steps: evaluate and save within them, so a dev-best checkpoint exists
         runner_cfg = config["runner"]
         runner_cfg.update(total_steps=steps, eval_step=min(runner_cfg["eval_step"], steps),
                           save_step=min(runner_cfg["save_step"], steps))
         override += "".join(f",,config.runner.{k}={runner_cfg[k]}" for k in ("total_steps", "eval_step", "save_step"))
+    if model.get("downstream_lr"):
+        config["optimizer"]["lr"] = model["downstream_lr"]
+        override += f",,config.optimizer.lr={model['downstream_lr']}"
     upstream = ["-u", model["upstream"]] + (["-k", model["ckpt"]] if model.get("ckpt") else [])
     # S3PRL writes voxceleb1's file-list cache non-atomically: one cache per run, so parallel runs never race.
     env = {**env, "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(folder / "voxceleb1_cache")}
@@ -291,17 +336,20 @@ def run_plan(
     models: list[str] | None = None,
     steps: dict[str, int | None] | None = None,
     progress: bool = True,
+    profile_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """Prepare every model and run its downstream tasks; ``jobs`` processes at a time."""
     from tqdm import tqdm
 
-    if not (plan.corpus / "corpus.json").is_file() and not (plan.corpus / "LibriSpeech").is_dir():
-        raise PlanError(f"corpus {plan.corpus} not found: make it with `upstream-compressed make-corpus {plan.corpus}`")
+    missing = [f"{k} {plan.data[k]}" for t in tasks for k in TASK_DATA[t] if not plan.data[k].exists()]
+    if missing:
+        hint = f"; make the corpus with `upstream-compressed make-corpus {plan.corpus}`" if plan.corpus else ""
+        raise PlanError(f"{plan.path}: not found: {', '.join(missing)}{hint}")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "CORPUS": str(plan.corpus),  # recipes name their audio as ${CORPUS}/...
+        **({"CORPUS": str(plan.corpus)} if plan.corpus else {}),  # recipes may name audio as ${CORPUS}/...
     }
     selected = [m for m in plan.models if models is None or m.name in models]
     if models is not None and len(selected) != len(set(models)):
@@ -349,6 +397,12 @@ def run_plan(
                                   f" ({value['train_seconds']:.0f} s)")
                 bar.update()
     bar.close()
+    if profile_seconds:  # one at a time, after the training, so that the timings are not disturbed
+        for name, model in tqdm(prepared.items(), desc="profile", unit="model", disable=not progress):
+            try:
+                profile_model(model, expdir, {**env, "OMP_NUM_THREADS": str(threads)}, profile_seconds, "cpu")
+            except Exception as error:
+                failures.append(f"profile {name}: {error}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (the others are done and kept):\n" + "\n".join(failures))
     return list(results.values())

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The main job: compress -> SUPERB PR and SID -> profile -> report, every stage resumable.
+#
+#   ./run_downstream.sh                      # embedded default: bundled tiny HuBERT + synthesised corpus,
+#                                            # recipes/quick/plan.yaml, about 20 minutes on a 2-core CPU
+#   ./run_downstream.sh --plan recipes/tiny/plan.yaml --device cuda --jobs 16      # the full tiny study
+#   ./run_downstream.sh --librispeech /data/LibriSpeech --lexicon /data/librispeech-lexicon.txt \
+#       --voxceleb1 /data/VoxCeleb1 --base hubert_base --recipes "recipes/full/heads50.yaml recipes/full/kd.yaml" \
+#       --device cuda --expdir result/full   # real data, official SUPERB configs (a GPU job)
+#
+# Stages (--stages, comma-separated; default all): corpus, experiment (compress, train, test), profile,
+# report, submission (SUPERB leaderboard: MAC protocol + predict.zip for one model, --submit). Work already done is kept (deltas, result.json, profile.json): a killed job resumes where
+# it stopped; --force starts EXPDIR again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+
+Options:
+  --plan FILE          experiment plan (default recipes/quick/plan.yaml; see upstream_compressed/experiments.py)
+  --expdir DIR         output folder (default result/<plan name>, e.g. result/quick)
+  --corpus DIR         make-corpus folder (default data/embedded_corpus; made when missing)
+  --librispeech DIR    real LibriSpeech root (train-clean-100, dev-clean, test-clean): PR on real data
+  --lexicon FILE       LibriSpeech lexicon for PR (S3PRL's librispeech-lexicon-200k-g2p.txt)
+  --voxceleb1 DIR      real VoxCeleb1 root (with iden_split.txt inside, or give --voxceleb1-split)
+  --voxceleb1-split F  VoxCeleb1 identification split file
+  --base CKPT          base checkpoint (path or known name: hubert_base, distilhubert_base, tiny_hubert)
+  --recipes "A B ..."  recipes to compress (real-data mode; each becomes a model named after its file)
+  --jobs N             processes at a time (default 2)
+  --device cpu|cuda    device for training (default cpu)
+  --stages LIST        corpus,experiment,profile,report,submission (default all)
+  --submit MODEL       the model the submission stage packages (default base)
+  --profile-seconds S  audio length for the profile (default 10)
+  --force              delete EXPDIR first
+EOF
+}
+
+PLAN="" EXPDIR="" CORPUS=data/embedded_corpus LIBRISPEECH="" LEXICON="" VOXCELEB1="" VOX_SPLIT=""
+BASE="" RECIPES="" JOBS=2 DEVICE=cpu STAGES=corpus,experiment,profile,report,submission SECONDS_AUDIO=10 FORCE=0 SUBMIT=base
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --plan) PLAN=$2; shift 2 ;;
+    --expdir) EXPDIR=$2; shift 2 ;;
+    --corpus) CORPUS=$2; shift 2 ;;
+    --librispeech) LIBRISPEECH=$2; shift 2 ;;
+    --lexicon) LEXICON=$2; shift 2 ;;
+    --voxceleb1) VOXCELEB1=$2; shift 2 ;;
+    --voxceleb1-split) VOX_SPLIT=$2; shift 2 ;;
+    --base) BASE=$2; shift 2 ;;
+    --recipes) RECIPES=$2; shift 2 ;;
+    --jobs) JOBS=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
+    --stages) STAGES=$2; shift 2 ;;
+    --submit) SUBMIT=$2; shift 2 ;;
+    --profile-seconds) SECONDS_AUDIO=$2; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_downstream.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+CLI=(python -m upstream_compressed.cli)
+has_stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+fail() { echo "run_downstream.sh: error: $*" >&2; exit 2; }
+stamp() { echo "== [$(date +%H:%M:%S)] $*"; }
+START=$(date +%s)
+
+python -c "import upstream_compressed" 2>/dev/null || fail "upstream_compressed is not importable: run \`pip install -e .\` first"
+
+REAL=0
+if [ -n "$LIBRISPEECH$VOXCELEB1$RECIPES" ]; then REAL=1; fi
+if [ $REAL = 1 ]; then
+  # Real data: write a plan for the given recipes and data, with the official SUPERB configs.
+  [ -n "$RECIPES" ] || fail "--recipes is required with real data"
+  [ -n "$LIBRISPEECH$VOXCELEB1" ] || fail "give --librispeech (PR) and/or --voxceleb1 (SID)"
+  [ -z "$LIBRISPEECH" ] || [ -d "$LIBRISPEECH" ] || fail "--librispeech $LIBRISPEECH is not a folder"
+  [ -z "$LIBRISPEECH" ] || [ -n "$LEXICON" ] || fail "--lexicon is required with --librispeech (S3PRL's librispeech-lexicon-200k-g2p.txt)"
+  [ -z "$VOXCELEB1" ] || [ -d "$VOXCELEB1" ] || fail "--voxceleb1 $VOXCELEB1 is not a folder"
+  EXPDIR=${EXPDIR:-result/real}
+  [ $FORCE = 0 ] || rm -rf "$EXPDIR"
+  mkdir -p "$EXPDIR"
+  PLAN=$EXPDIR/plan.yaml
+  TASKS=""
+  [ -z "$LIBRISPEECH" ] || TASKS=pr
+  [ -z "$VOXCELEB1" ] || TASKS=${TASKS:+$TASKS,}sid
+  python - "$PLAN" "$BASE" "$LIBRISPEECH" "$LEXICON" "$VOXCELEB1" "${VOX_SPLIT:-${VOXCELEB1:+$VOXCELEB1/iden_split.txt}}" $RECIPES <<'EOF'
+import sys, yaml
+from pathlib import Path
+plan, base, libri, lexicon, vox, split, *recipes = sys.argv[1:]
+from upstream_compressed.recipe import load_recipe, technique_name
+models = [{"name": "base", "method": "base"}]
+for r in recipes:
+    recipe = load_recipe(r, base=base) if base else load_recipe(r)
+    models.append({"name": Path(r).stem, "method": technique_name(recipe.steps), "recipe": str(Path(r).resolve())})
+vocab = str(Path("upstream_compressed/corpus/phoneme.txt").resolve())
+data = {"librispeech": libri or "/nonexistent", "lexicon": lexicon or "/nonexistent", "vocab": vocab,
+        "voxceleb1": vox or "/nonexistent", "voxceleb1_split": split or "/nonexistent"}
+Path(plan).write_text(yaml.safe_dump({"base": base or "hubert_base", "override_base": bool(base), "data": data,
+    "pr_config": "downstream_configs/ctc_libriphone.yaml", "sid_config": "downstream_configs/voxceleb1.yaml",
+    "models": models}, sort_keys=False))
+EOF
+  export LIBRISPEECH VOXCELEB1  # recipes/full/*.yaml read their audio as ${LIBRISPEECH}/...
+  CORPUS_ARG=()
+else
+  PLAN=${PLAN:-recipes/quick/plan.yaml}
+  [ -f "$PLAN" ] || fail "--plan $PLAN does not exist"
+  NAME=$(basename "$(dirname "$PLAN")")
+  EXPDIR=${EXPDIR:-result/$NAME}
+  [ $FORCE = 0 ] || rm -rf "$EXPDIR"
+  TASKS=pr,sid
+  CORPUS_ARG=(--corpus "$CORPUS")
+  if has_stage corpus; then
+    if [ -f "$CORPUS/corpus.json" ]; then
+      stamp "corpus: $CORPUS (exists)"
+    else
+      stamp "corpus: making $CORPUS"
+      "${CLI[@]}" make-corpus "$CORPUS"
+    fi
+  fi
+  # The shipped recipes read their audio from data/embedded_corpus: point it at --corpus when it differs.
+  if [ "$(realpath -m "$CORPUS")" != "$(realpath -m data/embedded_corpus)" ]; then
+    mkdir -p data && ln -sfn "$(realpath "$CORPUS")" data/embedded_corpus
+  fi
+fi
+
+if has_stage experiment; then
+  stamp "experiment: $PLAN -> $EXPDIR (compress, then PR/SID train and test; $JOBS at a time on $DEVICE)"
+  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${CORPUS_ARG[@]}"
+fi
+if has_stage profile; then
+  stamp "profile: every model on $SECONDS_AUDIO s of audio, CPU, one at a time"
+  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --no-downstream --profile-seconds "$SECONDS_AUDIO" \
+      "${CORPUS_ARG[@]}" --quiet
+fi
+if has_stage report; then
+  stamp "report"
+  "${CLI[@]}" report "$EXPDIR"
+fi
+if has_stage submission; then
+  MODEL_JSON=$EXPDIR/models/$SUBMIT/model.json
+  [ -f "$MODEL_JSON" ] || fail "submission: $MODEL_JSON not found (run the experiment stage; --submit names a plan model)"
+  stamp "submission: $SUBMIT (SUPERB MAC protocol, then predict.zip from its tested PR/SID expdirs)"
+  read -r UPSTREAM CKPT < <(python -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['upstream'], m.get('ckpt') or '')" "$MODEL_JSON")
+  "${CLI[@]}" profile -u "$UPSTREAM" ${CKPT:+-k "$CKPT"} --protocol superb --json | tee "$EXPDIR/superb_form_$SUBMIT.json"
+  SUBMISSION=()
+  [ ! -d "$EXPDIR/downstream/pr_$SUBMIT" ] || SUBMISSION+=(--pr "$EXPDIR/downstream/pr_$SUBMIT")
+  [ ! -d "$EXPDIR/downstream/sid_$SUBMIT" ] || SUBMISSION+=(--sid "$EXPDIR/downstream/sid_$SUBMIT")
+  "${CLI[@]}" submission "${SUBMISSION[@]}" -o "$EXPDIR/predict_$SUBMIT.zip"
+fi
+stamp "done in $(( $(date +%s) - START )) s: $EXPDIR"
