@@ -41,7 +41,7 @@ def test_shipped_recipe_is_valid(path):
         assert recipe.base == "tiny_hubert"
         assert technique_name(recipe.steps) == TINY_TECHNIQUES[path.stem]
         audio = {s.get("audio") for s in recipe.steps} | {s.get("recovery", {}).get("audio") for s in recipe.steps}
-        assert audio - {None} == {TINY_AUDIO}
+        assert audio - {None} <= {TINY_AUDIO}  # recipes without training or scoring read no audio
 
 
 @pytest.fixture(scope="module")
