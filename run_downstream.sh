@@ -65,7 +65,7 @@ fail() { echo "run_downstream.sh: error: $*" >&2; exit 2; }
 stamp() { echo "== [$(date +%H:%M:%S)] $*"; }
 START=$(date +%s)
 
-python -c "import upstream_compressed" 2>/dev/null || fail "upstream_compressed is not importable: run \`pip install -e .\` first"
+python -c "import torch, s3prl, upstream_compressed" 2>/dev/null || fail "upstream_compressed (with torch and s3prl) is not importable by \`python\`: activate its environment or run \`pip install -e .\` first"
 
 REAL=0
 if [ -n "$LIBRISPEECH$VOXCELEB1$RECIPES" ]; then REAL=1; fi

@@ -43,6 +43,8 @@ from typing import Any
 
 import yaml
 
+from .overrides import ctc_override, voxceleb1_override
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Models without a recipe; any other method is a label (the report draws one line per label) on a recipe.
 SPECIAL_METHODS = {"base", "fbank", "random_init", "checkpoint"}
@@ -258,15 +260,8 @@ def profile_model(model: dict[str, Any], expdir: Path, env: dict[str, str], seco
 def corpus_override(task: Task, data: dict[str, Path]) -> str:
     """S3PRL ``-o`` overrides that point a downstream config at the plan's data."""
     if task.downstream == "ctc":
-        return (
-            f"config.downstream_expert.corpus.path={data['librispeech']},,"
-            f"config.downstream_expert.corpus.lexicon={data['lexicon']},,"
-            f"config.downstream_expert.text.vocab_file={data['vocab']}"
-        )
-    return (
-        f"config.downstream_expert.datarc.file_path={data['voxceleb1']},,"
-        f"config.downstream_expert.datarc.meta_data={data['voxceleb1_split']}"
-    )
+        return ctc_override(data["librispeech"], data["lexicon"], data["vocab"])
+    return voxceleb1_override(data["voxceleb1"], data["voxceleb1_split"])
 
 
 def run_downstream(

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..corpus import arpabet_phones, write_phone_vocab
+from ..overrides import ctc_override, voxceleb1_override
 from .espeak import EspeakProcess, Voice
 from .phones import espeak_to_arpabet
 from .vocabulary import WORDS
@@ -136,22 +137,11 @@ class SynthCorpus:
 
     def ctc_override(self) -> str:
         """``-o`` for S3PRL's ``-d ctc`` with a libriphone config (S3PRL's ``,,`` syntax)."""
-        return ",,".join(
-            [
-                f"config.downstream_expert.corpus.path={self.librispeech}",
-                f"config.downstream_expert.corpus.lexicon={self.lexicon}",
-                f"config.downstream_expert.text.vocab_file={self.phone_vocab}",
-            ]
-        )
+        return ctc_override(self.librispeech, self.lexicon, self.phone_vocab)
 
     def voxceleb1_override(self) -> str:
         """``-o`` for S3PRL's ``-d voxceleb1``."""
-        return ",,".join(
-            [
-                f"config.downstream_expert.datarc.file_path={self.voxceleb1}",
-                f"config.downstream_expert.datarc.meta_data={self.voxceleb1_split}",
-            ]
-        )
+        return voxceleb1_override(self.voxceleb1, self.voxceleb1_split)
 
 
 # ------------------------------------------------------------------------------------ planning

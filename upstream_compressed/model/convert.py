@@ -141,6 +141,13 @@ def _common_renames(layer_count: int, conv_count: int, extractor_mode: str) -> d
             names[f"{norm}.bias"] = f"feature_extractor.norms.{i}.bias"
     for p in ("weight", "bias"):
         names[f"post_extract_proj.{p}"] = f"feature_projection.{p}"
+    return {**names, **encoder_renames(layer_count)}
+
+
+def encoder_renames(layer_count: int) -> dict[str, str]:
+    """fairseq-style Transformer encoder key (``encoder.`` prefix) -> our key; HuBERT, distiller, MelHuBERT."""
+    names: dict[str, str] = {}
+    for p in ("weight", "bias"):
         names[f"encoder.layer_norm.{p}"] = f"encoder_norm.{p}"
     for p in ("weight_g", "weight_v", "bias"):
         names[f"encoder.pos_conv.0.{p}"] = f"positional_conv.{p}"

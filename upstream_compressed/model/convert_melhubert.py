@@ -77,23 +77,11 @@ def _fold_pruning_masks(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _renames(layer_count: int) -> dict[str, str]:
-    """MelHuBERT key -> our key."""
-    names = {}
-    for p in ("weight", "bias"):
-        names[f"pre_extract_proj.{p}"] = f"feature_projection.{p}"
-        names[f"encoder.layer_norm.{p}"] = f"encoder_norm.{p}"
-    for p in ("weight_g", "weight_v", "bias"):
-        names[f"encoder.pos_conv.0.{p}"] = f"positional_conv.{p}"
-    for i in range(layer_count):
-        src, dst = f"encoder.layers.{i}", f"layers.{i}"
-        for p in ("weight", "bias"):
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                names[f"{src}.self_attn.{proj}.{p}"] = f"{dst}.attention.{proj}.{p}"
-            names[f"{src}.self_attn_layer_norm.{p}"] = f"{dst}.attention_norm.{p}"
-            names[f"{src}.fc1.{p}"] = f"{dst}.feed_forward.fc1.{p}"
-            names[f"{src}.fc2.{p}"] = f"{dst}.feed_forward.fc2.{p}"
-            names[f"{src}.final_layer_norm.{p}"] = f"{dst}.final_norm.{p}"
-    return names
+    """MelHuBERT key -> our key: HuBERT's encoder names, with the fbank projection as the feature projection."""
+    from .convert import encoder_renames  # convert imports this module at its top
+
+    names = {f"pre_extract_proj.{p}": f"feature_projection.{p}" for p in ("weight", "bias")}
+    return {**names, **encoder_renames(layer_count)}
 
 
 def _pruned_head_counts(pruned: Any) -> dict[int, int]:

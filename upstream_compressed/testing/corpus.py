@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from upstream_compressed.corpus import write_phone_vocab
+from upstream_compressed.overrides import ctc_override, voxceleb1_override
 
 SAMPLE_RATE = 16000
 
@@ -236,22 +237,11 @@ class TinyCorpus:
 
     def ctc_override(self) -> str:
         """``-o`` for ``-d ctc -c downstream_configs/ctc_libriphone_tiny.yaml`` (s3prl's ``,,`` syntax)."""
-        return ",,".join(
-            [
-                f"config.downstream_expert.corpus.path={self.librispeech}",
-                f"config.downstream_expert.corpus.lexicon={self.lexicon}",
-                f"config.downstream_expert.text.vocab_file={self.phone_vocab}",
-            ]
-        )
+        return ctc_override(self.librispeech, self.lexicon, self.phone_vocab)
 
     def voxceleb1_override(self) -> str:
         """``-o`` for ``-d voxceleb1 -c downstream_configs/voxceleb1_tiny.yaml``."""
-        return ",,".join(
-            [
-                f"config.downstream_expert.datarc.file_path={self.voxceleb1}",
-                f"config.downstream_expert.datarc.meta_data={self.voxceleb1_split}",
-            ]
-        )
+        return voxceleb1_override(self.voxceleb1, self.voxceleb1_split)
 
 
 def make_tiny_corpus(root: str | os.PathLike, *, seed: int = 0, num_speakers: int = 4) -> TinyCorpus:
