@@ -30,7 +30,7 @@ def add_model(expdir: Path, model: str, method: str, rate: float | None, profile
 
 
 def add_result(expdir: Path, task: str, model: str, test: float, lr: float) -> None:
-    write_json(expdir / "downstream" / f"{task}_{model}" / "result.json",
+    write_json(expdir / "downstream" / f"{task.lower()}_{model}" / "result.json",
                {"task": task, "model": model, "metric": {"PR": "per", "SID": "acc"}[task], "test": test,
                 "dev_best": test, "lr": lr, "steps": 200, "train_seconds": 12.5})
 
@@ -56,7 +56,7 @@ def expdir(tmp_path) -> Path:
     add_result(root, "SID", "h_quarter", 0.7655, 1e-2)
     add_result(root, "PR", "sparse90", 0.1, 1e-4)
     add_result(root, "PR", "lowrank50", 0.08, 1e-4)
-    (root / "downstream" / "SID_h_half").mkdir()  # training still running: no result.json yet
+    (root / "downstream" / "sid_h_half").mkdir()  # training still running: no result.json yet
     return root
 
 
@@ -189,11 +189,11 @@ def test_missing_or_empty_experiment_folder_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: add_result(r, "PR", "hubert", 5.41, 1e-4), "fractions"),
-    (lambda r: write_json(r / "downstream" / "PR_hubert" / "result.json",
+    (lambda r: write_json(r / "downstream" / "pr_hubert" / "result.json",
                           {"task": "PR", "model": "hubert", "metric": "acc", "test": 0.1, "lr": 1e-4}), "PR with per"),
-    (lambda r: write_json(r / "downstream" / "SID_other" / "result.json",
+    (lambda r: write_json(r / "downstream" / "sid_other" / "result.json",
                           {"task": "PR", "model": "hubert", "metric": "per", "test": 0.1, "lr": 1e-4}),
-     "should be PR_hubert"),
+     "should be pr_hubert"),
     (lambda r: add_model(r, "h50", "head_pruning", 0.5, profile(1_000, G, 0.5) | {"seconds_audio": 5.0}),
      "different audio lengths"),
     (lambda r: write_json(r / "models" / "h50" / "model.json", {"model": "h25", "method": "head_pruning"}),

@@ -11,7 +11,7 @@ Input: an experiment folder EXPDIR, as the pipeline (``run_downstream.sh``) fill
     EXPDIR/models/<model>/profile.json
         {"params": int, "params_encoder": int, "macs": int, "macs_effective": int,
          "seconds_audio": float, "median_seconds": float, "rtf": float, "device": str, ...}
-    EXPDIR/downstream/<task>_<model>/result.json
+    EXPDIR/downstream/<task>_<model>/result.json   (task in lower case: pr_base, sid_base)
         {"task": "PR" | "SID", "model": str, "metric": "per" | "acc",
          "test": float,           # a fraction (0.0541), not a percentage
          "dev_best": float | null, "lr": float, "steps": int, "train_seconds": float}
@@ -106,8 +106,8 @@ def _read_result(folder: Path) -> dict[str, Any]:
     if TASKS.get(task) != metric:
         raise ReportError(f"{path}: task {task!r} with metric {metric!r}; expected one of "
                           + ", ".join(f"{t} with {m}" for t, m in TASKS.items()))
-    if folder.name != f"{task}_{result['model']}":
-        raise ReportError(f"{path}: folder name {folder.name!r} should be {task}_{result['model']} (<task>_<model>)")
+    if folder.name != f"{task.lower()}_{result['model']}":
+        raise ReportError(f"{path}: folder name {folder.name!r} should be {task.lower()}_{result['model']} (<task>_<model>, task in lower case)")
     if not 0 <= test <= 1:
         raise ReportError(f"{path}: test {test!r} is outside [0, 1]; result.json holds fractions "
                           "(0.0541 for 5.41%), not percentages")
