@@ -126,7 +126,7 @@ def _experiment(args: argparse.Namespace) -> int:
             plan, Path(args.expdir), tasks, jobs=args.jobs, device=args.device, threads=args.threads,
             models=args.models.split(",") if args.models else None,
             steps={"pr": args.pr_steps, "sid": args.sid_steps}, progress=not args.quiet,
-            profile_seconds=args.profile_seconds,
+            profile_seconds=args.profile_seconds, profile_repeats=args.profile_repeats,
         )
     except RuntimeError as error:
         print(f"upstream-compressed experiment: {error}", file=sys.stderr)
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--sid-steps", type=int, help="override the SID config's total_steps")
     experiment.add_argument("--profile-seconds", type=float, help="also profile every model on this many seconds "
                             "of audio (CPU, one at a time, after training) into models/<model>/profile.json")
+    experiment.add_argument("--profile-repeats", type=int, default=5, help="timed forwards per profile (default 5)")
     experiment.add_argument("--no-downstream", action="store_true", help="only make (and profile) the models")
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     experiment.set_defaults(run=_experiment)

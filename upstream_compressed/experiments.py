@@ -240,12 +240,14 @@ def _random_like(base: Path, target: Path) -> None:
              init_only=True, command=["upstream-compressed", "pretrain", "--init-only"], progress=False)
 
 
-def profile_model(model: dict[str, Any], expdir: Path, env: dict[str, str], seconds: float, device: str) -> dict:
+def profile_model(model: dict[str, Any], expdir: Path, env: dict[str, str], seconds: float, device: str,
+                  repeats: int = 5) -> dict:
     """``upstream-compressed profile`` of one model into models/<name>/profile.json (kept once written)."""
     target = expdir / "models" / model["model"] / "profile.json"
     if target.is_file():
         return json.loads(target.read_text())
-    command = _cli("profile", "-u", model["upstream"], "--seconds", str(seconds), "--device", device, "--json")
+    command = _cli("profile", "-u", model["upstream"], "--seconds", str(seconds), "--device", device,
+                   "--repeats", str(repeats), "--json")
     if model.get("ckpt"):
         command += ["-k", model["ckpt"]]
     output = _run(command, target.with_name("profile.log"), env)
@@ -332,6 +334,7 @@ def run_plan(
     steps: dict[str, int | None] | None = None,
     progress: bool = True,
     profile_seconds: float | None = None,
+    profile_repeats: int = 5,
 ) -> list[dict[str, Any]]:
     """Prepare every model and run its downstream tasks; ``jobs`` processes at a time."""
     from tqdm import tqdm
@@ -395,7 +398,8 @@ def run_plan(
     if profile_seconds:  # one at a time, after the training, so that the timings are not disturbed
         for name, model in tqdm(prepared.items(), desc="profile", unit="model", disable=not progress):
             try:
-                profile_model(model, expdir, {**env, "OMP_NUM_THREADS": str(threads)}, profile_seconds, "cpu")
+                profile_model(model, expdir, {**env, "OMP_NUM_THREADS": str(threads)}, profile_seconds, "cpu",
+                              profile_repeats)
             except Exception as error:
                 failures.append(f"profile {name}: {error}")
     if failures:
