@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from ..corpus import arpabet_phones, write_phone_vocab
-from ..overrides import ctc_override, voxceleb1_override
+from ..overrides import CorpusPaths
 from .espeak import EspeakProcess, Voice
 from .phones import espeak_to_arpabet
 from .vocabulary import WORDS
@@ -110,15 +110,9 @@ class Utterance:
 
 
 @dataclass(frozen=True)
-class SynthCorpus:
+class SynthCorpus(CorpusPaths):
     """Paths of a corpus written by :func:`make_corpus`."""
 
-    root: Path
-    librispeech: Path
-    lexicon: Path
-    phone_vocab: Path
-    voxceleb1: Path
-    voxceleb1_split: Path
     manifest: Path
     librispeech_splits: tuple[str, ...] = field(default=LIBRISPEECH_SPLITS)
 
@@ -134,14 +128,6 @@ class SynthCorpus:
             voxceleb1_split=root / "VoxCeleb1" / "iden_split.txt",
             manifest=root / "corpus.json",
         )
-
-    def ctc_override(self) -> str:
-        """``-o`` for S3PRL's ``-d ctc`` with a libriphone config (S3PRL's ``,,`` syntax)."""
-        return ctc_override(self.librispeech, self.lexicon, self.phone_vocab)
-
-    def voxceleb1_override(self) -> str:
-        """``-o`` for S3PRL's ``-d voxceleb1``."""
-        return voxceleb1_override(self.voxceleb1, self.voxceleb1_split)
 
 
 # ------------------------------------------------------------------------------------ planning

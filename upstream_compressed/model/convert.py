@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -142,6 +142,20 @@ def _common_renames(layer_count: int, conv_count: int, extractor_mode: str) -> d
     for p in ("weight", "bias"):
         names[f"post_extract_proj.{p}"] = f"feature_projection.{p}"
     return {**names, **encoder_renames(layer_count)}
+
+
+def encoder_options(get: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """ModelConfig fields read alike from a distiller's or MelHuBERT's config (``get(key, default)``)."""
+    return {
+        "conv_pos": int(get("conv_pos", 128)),
+        "conv_pos_groups": int(get("conv_pos_groups", 16)),
+        "layer_norm_first": bool(get("layer_norm_first", False)),
+        "feature_layer_norm": False,
+        "activation": str(get("activation_fn", "gelu")),
+        "dropout": float(get("dropout", 0.1)),
+        "attention_dropout": float(get("attention_dropout", 0.1)),
+        "activation_dropout": float(get("activation_dropout", 0.1)),
+    }
 
 
 def encoder_renames(layer_count: int) -> dict[str, str]:
@@ -269,14 +283,7 @@ def from_distiller(ckpt: dict[str, Any]) -> Converted:
         conv_layers=conv_layers,
         extractor_mode=str(get("extractor_mode", "default")),
         conv_bias=False,
-        conv_pos=int(get("conv_pos", 128)),
-        conv_pos_groups=int(get("conv_pos_groups", 16)),
-        layer_norm_first=bool(get("layer_norm_first", False)),
-        feature_layer_norm=False,
-        activation=str(get("activation_fn", "gelu")),
-        dropout=float(get("dropout", 0.1)),
-        attention_dropout=float(get("attention_dropout", 0.1)),
-        activation_dropout=float(get("activation_dropout", 0.1)),
+        **encoder_options(get),
         pred_layer_id=pred_layer_id,
         pred_inter_dim=inter_dim if inter_dim > 0 else dim,
         pred_out_dim=int(get("final_dim", 768)),

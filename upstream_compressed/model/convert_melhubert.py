@@ -101,6 +101,7 @@ def from_melhubert(ckpt: dict[str, Any], mean_std: str | os.PathLike) -> tuple[M
         raise ValueError(f"Upstream_Config has sections {sorted(upstream_config)}, but no `melhubert` section")
     cfg = dict(upstream_config["melhubert"])
     get = cfg.get
+    from .convert import encoder_options  # convert imports this module at its top
     if str(get("pos_emb_type", "conv")) != "conv" or int(get("pos_conv_depth", 1)) != 1:
         raise ValueError("only a single convolutional positional embedding (pos_emb_type conv, depth 1) is supported")
     if str(get("attention_type", "original")) != "original":
@@ -130,14 +131,7 @@ def from_melhubert(ckpt: dict[str, Any], mean_std: str | os.PathLike) -> tuple[M
         frontend=FBANK,
         fbank_mel_bins=MEL_BINS,
         fbank_stack=feat_dim // MEL_BINS,
-        conv_pos=int(get("conv_pos", 128)),
-        conv_pos_groups=int(get("conv_pos_groups", 16)),
-        layer_norm_first=bool(get("layer_norm_first", False)),
-        feature_layer_norm=False,
-        activation=str(get("activation_fn", "gelu")),
-        dropout=float(get("dropout", 0.1)),
-        attention_dropout=float(get("attention_dropout", 0.1)),
-        activation_dropout=float(get("activation_dropout", 0.1)),
+        **encoder_options(get),
     )
     names = _renames(count)
     ours, rest = {}, {}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from upstream_compressed.corpus import write_phone_vocab
-from upstream_compressed.overrides import ctc_override, voxceleb1_override
+from upstream_compressed.overrides import CorpusPaths
 
 SAMPLE_RATE = 16000
 
@@ -224,24 +224,10 @@ def make_tiny_voxceleb1(
 
 
 @dataclass(frozen=True)
-class TinyCorpus:
+class TinyCorpus(CorpusPaths):
     """Paths of a corpus written by :func:`make_tiny_corpus`."""
 
-    root: Path
-    librispeech: Path
-    lexicon: Path
-    phone_vocab: Path
-    voxceleb1: Path
-    voxceleb1_split: Path
     librispeech_splits: tuple[str, ...] = field(default=LIBRISPEECH_SPLITS)
-
-    def ctc_override(self) -> str:
-        """``-o`` for ``-d ctc -c downstream_configs/ctc_libriphone_tiny.yaml`` (s3prl's ``,,`` syntax)."""
-        return ctc_override(self.librispeech, self.lexicon, self.phone_vocab)
-
-    def voxceleb1_override(self) -> str:
-        """``-o`` for ``-d voxceleb1 -c downstream_configs/voxceleb1_tiny.yaml``."""
-        return voxceleb1_override(self.voxceleb1, self.voxceleb1_split)
 
 
 def make_tiny_corpus(root: str | os.PathLike, *, seed: int = 0, num_speakers: int = 4) -> TinyCorpus:
