@@ -204,7 +204,8 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
     info: dict[str, Any] = {"model": spec.name, "method": spec.method, "rate": spec.rate, "recipe": spec.recipe,
                             "downstream_lr": spec.downstream_lr}
     if spec.method == "base":
-        info.update(upstream=spec.upstream or "hubert_local", ckpt=str(resolve_base(plan.base)))
+        base = resolve_base(plan.base)
+        info.update(upstream=spec.upstream or _local_upstream(base), ckpt=str(base))
     elif spec.method == "fbank":
         info.update(upstream=spec.upstream or "fbank", ckpt=None)
     elif spec.method == "checkpoint":
@@ -225,6 +226,15 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
         info.update(upstream=spec.upstream or "compressed_local", ckpt=str(delta))
     _write_json(info, info_file)
     return info
+
+
+def _local_upstream(checkpoint: Path) -> str:
+    """S3PRL's (or our) upstream that runs a base checkpoint as it is: hubert_local, distiller_local, melhubert_local."""
+    from .model.config import DISTILLER, HUBERT
+    from .model.convert import load_base
+
+    kind = load_base(checkpoint).config.kind
+    return {HUBERT: "hubert_local", DISTILLER: "distiller_local"}.get(kind, "melhubert_local")
 
 
 def _random_like(base: Path, target: Path) -> None:
