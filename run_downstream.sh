@@ -26,6 +26,7 @@ Options:
   --voxceleb1-split F  VoxCeleb1 identification split file
   --base CKPT          base checkpoint (path or known name: hubert_base, distilhubert_base, tiny_hubert)
   --recipes "A B ..."  recipes to compress (real-data mode; each becomes a model named after its file)
+  --models LIST        only these plan models (comma-separated; default all)
   --jobs N             processes at a time (default 2)
   --device cpu|cuda    device for training (default cpu)
   --stages LIST        corpus,experiment,profile,report,submission (default all)
@@ -36,7 +37,7 @@ EOF
 }
 
 PLAN="" EXPDIR="" CORPUS=data/embedded_corpus LIBRISPEECH="" LEXICON="" VOXCELEB1="" VOX_SPLIT=""
-BASE="" RECIPES="" JOBS=2 DEVICE=cpu STAGES=corpus,experiment,profile,report,submission SECONDS_AUDIO=10 FORCE=0 SUBMIT=base
+BASE="" RECIPES="" MODELS="" JOBS=2 DEVICE=cpu STAGES=corpus,experiment,profile,report,submission SECONDS_AUDIO=10 FORCE=0 SUBMIT=base
 while [ $# -gt 0 ]; do
   case "$1" in
     --plan) PLAN=$2; shift 2 ;;
@@ -48,6 +49,7 @@ while [ $# -gt 0 ]; do
     --voxceleb1-split) VOX_SPLIT=$2; shift 2 ;;
     --base) BASE=$2; shift 2 ;;
     --recipes) RECIPES=$2; shift 2 ;;
+    --models) MODELS=$2; shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
     --stages) STAGES=$2; shift 2 ;;
@@ -100,7 +102,7 @@ Path(plan).write_text(yaml.safe_dump({"base": base or "hubert_base", "override_b
     "models": models}, sort_keys=False))
 EOF
   export LIBRISPEECH VOXCELEB1  # recipes/full/*.yaml read their audio as ${LIBRISPEECH}/...
-  CORPUS_ARG=()
+  PLAN_ARGS=()
 else
   PLAN=${PLAN:-recipes/quick/plan.yaml}
   [ -f "$PLAN" ] || fail "--plan $PLAN does not exist"
@@ -108,7 +110,7 @@ else
   EXPDIR=${EXPDIR:-result/$NAME}
   [ $FORCE = 0 ] || rm -rf "$EXPDIR"
   TASKS=pr,sid
-  CORPUS_ARG=(--corpus "$CORPUS")
+  PLAN_ARGS=(--corpus "$CORPUS")
   if has_stage corpus; then
     if [ -f "$CORPUS/corpus.json" ]; then
       stamp "corpus: $CORPUS (exists)"
@@ -123,14 +125,15 @@ else
   fi
 fi
 
+[ -z "$MODELS" ] || PLAN_ARGS+=(--models "$MODELS")
 if has_stage experiment; then
   stamp "experiment: $PLAN -> $EXPDIR (compress, then PR/SID train and test; $JOBS at a time on $DEVICE)"
-  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${CORPUS_ARG[@]}"
+  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${PLAN_ARGS[@]}"
 fi
 if has_stage profile; then
   stamp "profile: every model on $SECONDS_AUDIO s of audio, CPU, one at a time"
   "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --no-downstream --profile-seconds "$SECONDS_AUDIO" \
-      "${CORPUS_ARG[@]}" --quiet
+      "${PLAN_ARGS[@]}" --quiet
 fi
 if has_stage report; then
   stamp "report"
