@@ -2,7 +2,7 @@
 # The main job: compress -> SUPERB PR and SID -> profile -> report, every stage resumable.
 #
 #   ./run_downstream.sh                      # embedded default: bundled tiny HuBERT + synthesised corpus,
-#                                            # recipes/quick/plan.yaml, about 20 minutes on a 2-core CPU
+#                                            # recipes/quick/plan.yaml, 19 minutes on a quiet 2-core CPU
 #   ./run_downstream.sh --plan recipes/tiny/plan.yaml --device cuda --jobs 16      # the full tiny study
 #   ./run_downstream.sh --librispeech /data/LibriSpeech --lexicon /data/librispeech-lexicon.txt \
 #       --voxceleb1 /data/VoxCeleb1 --base hubert_base --recipes "recipes/full/heads50.yaml recipes/full/kd.yaml" \
