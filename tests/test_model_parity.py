@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from upstream_compressed.model import SpeechTransformer
-from upstream_compressed.model.convert import load_base, to_s3prl_checkpoint
+from upstream_compressed.model.convert import Converted, load_base, to_s3prl_checkpoint
 from upstream_compressed.testing.checkpoints import make_distiller_checkpoint, make_hubert_checkpoint
 
 from helpers import max_valid_difference, run_model
@@ -64,6 +64,27 @@ def test_round_trip_back_to_s3prl_format(tmp_path, s3prl_hub, padded_batch, entr
     after = s3prl_states(s3prl_hub, entry, written, padded_batch)
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_weight_pruned_model_writes_back_without_its_masks(tmp_path, s3prl_hub, padded_batch):
+    """S3PRL's checkpoint has no masks: the zeroed weights alone carry the pruning, and compute the same."""
+    converted = load_base(make_hubert_checkpoint(tmp_path / "base.pt"))
+    model = SpeechTransformer(converted.config)
+    model.load_state_dict(converted.state_dict)
+    linear = model.linear(0, "fc1")
+    keep = torch.rand(linear.weight.shape, generator=torch.Generator().manual_seed(0)) > 0.7
+    model.prune_weights(0, "fc1", keep)
+    state = model.state_dict()
+    assert any(key.endswith(".mask") for key in state)
+    written = tmp_path / "pruned.pt"
+    torch.save(to_s3prl_checkpoint(Converted(converted.config, state, converted.source_format, converted.extras)),
+               written)
+
+    theirs = s3prl_states(s3prl_hub, "hubert_local", written, padded_batch)
+    ours, padding_mask = run_model(model.eval(), padded_batch)
+    assert int((load_base(written).state_dict["layers.0.feed_forward.fc1.weight"] != 0).sum()) == int(keep.sum())
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        assert max_valid_difference(a, b, padding_mask) < TOLERANCE, f"hidden state {layer}"
 
 
 def test_padding_changes_group_norm_features_as_in_s3prl(hubert_ckpt, padded_batch):

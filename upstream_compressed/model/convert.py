@@ -321,8 +321,13 @@ def _require_uniform(config: ModelConfig) -> LayerConfig:
 
 
 def to_s3prl_checkpoint(converted: Converted) -> dict[str, Any]:
-    """The inverse of :func:`load_base`: a dict that ``torch.save`` writes as an S3PRL checkpoint."""
-    config, state = converted.config, converted.state_dict
+    """The inverse of :func:`load_base`: a dict that ``torch.save`` writes as an S3PRL checkpoint.
+
+    Weight-pruning masks are left out: the weights are already zero where a mask prunes them, and
+    S3PRL's formats have no place for masks (the file then runs dense in S3PRL's own upstreams).
+    """
+    config = converted.config
+    state = {key: tensor for key, tensor in converted.state_dict.items() if not key.endswith(".mask")}
     layer = _require_uniform(config)
     if config.kind == MELHUBERT:
         return to_melhubert(config, state, converted.extras, layer)
