@@ -59,7 +59,7 @@ def test_a_missing_config_or_corpus_variable_is_named(tmp_path, monkeypatch):
         load_plan(write_plan(tmp_path, [{"name": "a", "method": "base"}], pr_config="nope.yaml"))
 
 
-def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus):
+def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus, capsys):
     """Base + a head-pruned recipe through S3PRL's real PR and SID; a second run reuses every result."""
     recipe = tmp_path / "heads.yaml"
     recipe.write_text(f"base: {hubert_ckpt}\nsteps:\n  - {{method: head_pruning, ratio: 0.5, criterion: l1}}\n")
@@ -69,6 +69,7 @@ def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus):
     ], base=str(hubert_ckpt)), corpus=str(tiny_corpus))
     expdir = tmp_path / "exp"
     results = run_plan(plan, expdir, ["pr", "sid"], jobs=2, progress=False, steps={"pr": 4, "sid": 4})
+    assert "done compress heads50" in capsys.readouterr().out
     assert sorted((r["task"], r["model"]) for r in results) == [
         ("PR", "base"), ("PR", "heads50"), ("SID", "base"), ("SID", "heads50")]
     for r in results:
@@ -81,3 +82,4 @@ def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus):
     again = run_plan(plan, expdir, ["pr", "sid"], jobs=2, progress=False, steps={"pr": 4, "sid": 4})
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in results)
     assert {p: p.stat().st_mtime_ns for p in expdir.rglob("result.json")} == stamps  # nothing re-ran
+    assert "done compress" not in capsys.readouterr().out  # a kept delta is not reported as new work

@@ -380,6 +380,7 @@ def run_plan(
 
         for model in prepared.values():
             submit_downstream(model)
+        kept = {m.name for m in selected if (expdir / "models" / m.name / "model.json").is_file()}
         for spec in selected:
             if spec.method not in SPECIAL_METHODS:
                 pending[pool.submit(prepare_model, spec, plan, expdir, env)] = ("compress", spec.name)
@@ -398,7 +399,8 @@ def run_plan(
                     if what == "compress":
                         prepared[name] = value
                         submit_downstream(value)
-                        bar.write(f"done compress {name}")
+                        if name not in kept:  # a delta made in an earlier call is not news
+                            bar.write(f"done compress {name}")
                     else:
                         results[name] = value
                         bar.write(f"done {value['task']} {value['model']}: test {value['metric']} {value['test']:.4f}"
