@@ -83,3 +83,39 @@ def test_a_plan_runs_pr_and_sid_and_resumes(tmp_path, hubert_ckpt, tiny_corpus, 
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in results)
     assert {p: p.stat().st_mtime_ns for p in expdir.rglob("result.json")} == stamps  # nothing re-ran
     assert "done compress" not in capsys.readouterr().out  # a kept delta is not reported as new work
+
+
+def test_a_killed_downstream_run_resumes_from_its_last_saved_state(tmp_path, hubert_ckpt, tiny_corpus, monkeypatch):
+    """Killed after 2 of 4 steps: S3PRL's own resume continues there; killed before its test: only the test runs."""
+    from upstream_compressed import experiments
+
+    plan = load_plan(write_plan(tmp_path, [{"name": "base", "method": "base", "upstream": "hubert_local"}],
+                                base=str(hubert_ckpt)), corpus=str(tiny_corpus))
+    model = experiments.prepare_model(plan.models[0], plan, tmp_path / "exp", {})
+    folder = tmp_path / "exp" / "downstream" / "pr_base"
+    real_run = experiments._run
+
+    def killed_at_the_test(command, log, env, append=False):
+        if "evaluate" in command:
+            raise KeyboardInterrupt  # what a kill between training and test leaves behind
+        return real_run(command, log, env, append)
+
+    monkeypatch.setattr(experiments, "_run", killed_at_the_test)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_downstream(experiments.TASKS["pr"], model, plan, tmp_path / "exp", "cpu", {}, steps=2)
+    assert (folder / "states-2.ckpt").is_file() and not (folder / "result.json").exists()
+
+    monkeypatch.setattr(experiments, "_run", real_run)  # a 4-step run continues from step 2
+    result = experiments.run_downstream(experiments.TASKS["pr"], model, plan, tmp_path / "exp", "cpu", {}, steps=4)
+    assert result["steps"] == 4 and result["resumed_from_step"] == 2
+    log = (folder / "train.log").read_text()
+    assert log.count("$ ") == 2 and "Resume from" in log and str(folder / "states-2.ckpt") in log
+
+    (folder / "result.json").unlink()  # as if killed during the test: training is not run again
+    for name in ("train.log", "dev-best.ckpt"):
+        assert (folder / name).is_file()
+    (folder / "states-4.ckpt").write_bytes(b"")  # the finished training's last state (cleaned up after a result)
+    before = (folder / "train.log").read_text()
+    again = experiments.run_downstream(experiments.TASKS["pr"], model, plan, tmp_path / "exp", "cpu", {}, steps=4)
+    assert (folder / "train.log").read_text() == before
+    assert again["test"] == result["test"] and again["resumed_from_step"] == 4

@@ -179,10 +179,10 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "upstream_compressed.cli", *args]
 
 
-def _run(command: list[str], log: Path, env: dict[str, str]) -> str:
-    """Run a command with its output in ``log``; on failure raise with the log's tail."""
+def _run(command: list[str], log: Path, env: dict[str, str], append: bool = False) -> str:
+    """Run a command with its output in ``log`` (after what it holds, if ``append``); raise with its tail on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as file:
+    with log.open("a" if append else "w") as file:
         file.write("$ " + " ".join(command) + "\n")
         file.flush()
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=file, stderr=subprocess.STDOUT, text=True)
@@ -279,14 +279,20 @@ def corpus_override(task: Task, data: dict[str, Path]) -> str:
 def run_downstream(
     task: Task, model: dict[str, Any], plan: Plan, expdir: Path, device: str, env: dict[str, str], steps: int | None
 ) -> dict[str, Any]:
-    """Train the downstream, evaluate its dev-best checkpoint on test; downstream/<task>_<model>/result.json."""
+    """Train the downstream, evaluate its dev-best checkpoint on test; downstream/<task>_<model>/result.json.
+
+    A run killed after S3PRL saved a ``states-<step>.ckpt`` continues from there (S3PRL's ``-a``
+    resume; its data order after the resume differs from an uninterrupted run's); one killed after
+    its training only runs the test.
+    """
     folder = expdir / "downstream" / f"{task.key}_{model['model']}"
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    if folder.exists():  # an unfinished run: S3PRL would refuse to reuse the folder, so start it again
+    saved_step = _last_saved_step(folder)
+    if folder.exists() and saved_step is None:  # killed before its first checkpoint: start it again
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     config = yaml.safe_load(plan.configs[task.key].read_text())
     override = corpus_override(task, plan.data)
     if steps:  # fewer steps: evaluate and save within them, so a dev-best checkpoint exists
@@ -302,8 +308,13 @@ def run_downstream(
     env = {**env, "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(folder / "voxceleb1_cache")}
     runner = [sys.executable, "-m", "upstream_compressed.run_downstream", "--device", device]
     started = time.time()
-    _run([*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
-          "-p", str(folder), "-o", override], folder / "train.log", env)
+    train = [*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
+             "-p", str(folder), "-o", override]
+    if saved_step is None:
+        _run(train, folder / "train.log", env)
+    elif saved_step < config["runner"]["total_steps"] or not (folder / "dev-best.ckpt").is_file():
+        # A killed run: S3PRL's own resume (-a) continues from its last states-<step>.ckpt.
+        _run([*train, "-a"], folder / "train.log", env, append=True)
     trained = time.time() - started
     best = folder / "dev-best.ckpt"
     if not best.is_file():
@@ -326,10 +337,18 @@ def run_downstream(
         "train_seconds": round(trained, 1),
         "device": device,
     }
+    if saved_step is not None:  # train_seconds then counts only this call's part
+        result["resumed_from_step"] = saved_step
     for state in folder.glob("states-*.ckpt"):  # dev-best.ckpt stays for evaluation and submission
         state.unlink()
     _write_json(result, result_file)
     return result
+
+
+def _last_saved_step(folder: Path) -> int | None:
+    """The step of the newest ``states-<step>.ckpt`` S3PRL saved in ``folder``, if any."""
+    steps = [int(m.group(1)) for p in folder.glob("states-*.ckpt") if (m := re.fullmatch(r"states-(\d+)\.ckpt", p.name))]
+    return max(steps, default=None)
 
 
 def run_plan(
