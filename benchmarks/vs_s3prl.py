@@ -39,6 +39,15 @@ def timed(function, rounds: int) -> list[float]:
     return times
 
 
+def native_bf16() -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); None where /proc/cpuinfo is absent."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -73,7 +82,8 @@ def main() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 low = ours(wavs)["hidden_states"]
                 bf16_times = timed(lambda: ours(wavs), args.rounds)
-            bf16 = {"time_ratio_vs_fp32": statistics.median(bf16_times) / statistics.median(our_times),
+            bf16 = {"cpu_native_bf16": native_bf16(),
+                    "time_ratio_vs_fp32": statistics.median(bf16_times) / statistics.median(our_times),
                     "max_abs_diff_vs_fp32": max((a.float() - b).abs().max().item() for a, b in zip(low, got))}
 
     theirs_s, ours_s = statistics.median(their_times), statistics.median(our_times)
@@ -85,6 +95,8 @@ def main() -> None:
     print(f"max |difference| over {len(got)} hidden states: {max_diff:.2e}")
     if bf16:
         print(f"bf16 autocast: time {bf16['time_ratio_vs_fp32']:.3f}x fp32, max |difference| {bf16['max_abs_diff_vs_fp32']:.3e}")
+        if bf16["cpu_native_bf16"] is False:
+            print("this CPU has no avx512_bf16/amx_bf16 (see /proc/cpuinfo): bf16 matmuls are emulated, expect them slower")
     print(json.dumps({"max_abs_diff": max_diff, "time_ratio": ours_s / theirs_s, "ours_ms": ours_s * 1000,
                       "s3prl_ms": theirs_s * 1000, **({"bf16": bf16} if bf16 else {})}))
 
