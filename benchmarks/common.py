@@ -26,6 +26,10 @@ def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds
     import statistics
     import time
 
+    def synchronize() -> None:  # GPU work is queued: wait for it before reading the clock
+        if wav[0].is_cuda:
+            torch.cuda.synchronize(wav[0].device)
+
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for model in models:
@@ -34,7 +38,9 @@ def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds
                 model(wav)
         for _ in range(rounds):
             for i, model in enumerate(models):
+                synchronize()
                 start = time.perf_counter()
                 model(wav)
+                synchronize()
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]

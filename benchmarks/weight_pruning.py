@@ -1,4 +1,4 @@
-"""Does weight pruning run faster? Sparse kernels against dense, on the HuBERT Base shape, CPU.
+"""Does weight pruning run faster? Sparse kernels against dense, on the HuBERT Base shape (CPU or GPU).
 
 For each sparsity (default 50/70/80/90/95%), every encoder Linear (q/k/v/out_proj, fc1, fc2) is
 pruned to that sparsity (``selection: per_layer``, so each Linear has exactly it: global selection
@@ -11,10 +11,14 @@ alternation within one run on ``--seconds`` of audio:
     with its bound: dense total / (dense total - dense time of the pruned Linears), i.e. the
     speed-up if the pruned Linears took no time at all (the CNN front end and attention stay).
 
+On ``--device cuda`` forced sparse means cuSPARSE CSR for unstructured masks, and ``--two-four``
+adds a 2:4 model (``pattern: 2:4``, 50%) run on the semi-structured kernels (fp16/bf16, ``--dtype``).
+
 The last line is one JSON object (``linear_speedup_90``, ``linear_speedup_95``,
 ``model_speedup_90``, ``model_bound_90``, ...).
 
     python benchmarks/weight_pruning.py [--seconds 10] [--rounds 5] [--threads N]
+    python benchmarks/weight_pruning.py --device cuda --dtype float16 --two-four
 """
 
 from __future__ import annotations
@@ -47,9 +51,16 @@ def linears(model: SpeechTransformer) -> list[tuple[str, torch.nn.Module]]:
     return [(SHAPES[name], model.linear(i, name)) for i in range(model.config.num_layers) for name in LINEAR_NAMES]
 
 
-def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int, rounds: int) -> list[dict[str, float]]:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int, rounds: int,
+                 device: torch.device, dtype: torch.dtype) -> list[dict[str, float]]:
     """Per variant and shape, the median (over rounds) of the summed forward time of its Linears."""
-    inputs = {n: torch.randn(1, frames, n) for n in (768, 3072)}
+    inputs = {n: torch.randn(1, frames, n, device=device, dtype=dtype) for n in (768, 3072)}
     totals: list[dict[str, list[float]]] = [{} for _ in variants]
     with torch.inference_mode():
         for round_ in range(rounds + 1):  # round 0 warms up (and builds the sparse kernels)
@@ -57,8 +68,10 @@ def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int,
                 sums: dict[str, float] = {}
                 for shape, module in modules:
                     x = inputs[module.in_features]
+                    synchronize(device)
                     start = time.perf_counter()
                     module(x)
+                    synchronize(device)
                     sums[shape] = sums.get(shape, 0.0) + time.perf_counter() - start
                 if round_:
                     for shape, seconds in sums.items():
@@ -82,47 +95,67 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="weights and audio (default float32; the 2:4 kernels need float16/bfloat16)")
+    parser.add_argument("--two-four", action="store_true",
+                        help="add a 2:4 pruned model (50%%) run on CUDA's semi-structured sparse kernels")
     args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.two_four and device.type != "cuda":
+        parser.error("--two-four needs --device cuda (the 2:4 kernels are NVIDIA's)")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
     base = hubert_base_shape()
-    dense = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
-    pruned = []
-    for sparsity in args.sparsities:
+    dense = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval().to(device, dtype)
+    steps = [(f"{s:.0%}", s, {"method": "weight_pruning", "sparsity": s, "selection": "per_layer"})
+             for s in args.sparsities]
+    if args.two_four:
+        steps.append(("2:4", 0.5, {"method": "weight_pruning", "sparsity": 0.5, "selection": "per_layer",
+                                   "pattern": "2:4"}))
+    pruned, effective_macs = [], []
+    for _, _, step in steps:
         model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
-        step = {"method": "weight_pruning", "sparsity": sparsity, "selection": "per_layer"}
         model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0))
-        pruned.append(model)
-    wav = torch.randn(int(args.seconds * 16000))
+        effective_macs.append(count_effective_macs(model, args.seconds))  # on CPU in fp32, before the move
+        pruned.append(model.to(device, dtype))
+    base_macs = count_macs(SpeechTransformer.from_state_dict(base.config, base.state_dict), args.seconds)
+    labels = [label for label, _, _ in steps]
+    unstructured = args.sparsities  # 2:4, if asked for, comes after them
+    wav = torch.randn(int(args.seconds * 16000), device=device, dtype=dtype)
     frames = len(wav)
     for _, kernel, stride in base.config.conv_layers:
         frames = (frames - kernel) // stride + 1
+    where = f"{device.type}, {args.dtype}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 
     # (a) the pruned Linears alone: forced sparse against dense.
     for model in pruned:
         model.set_sparse_execution("sparse")
-    linear_times = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds)
+    sparse_kernels = [sorted({m.kernel_name() for _, m in linears(model)}) for model in pruned]
+    linear_times = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds, device, dtype)
     dense_linear = linear_times[0]
-    print(f"(a) the {len(linears(dense))} encoder Linears alone, {frames} frames ({args.seconds:g} s), "
-          f"median of {args.rounds} rounds: dense vs CSR (forced sparse)")
+    print(f"(a) the {len(linears(dense))} encoder Linears alone, {frames} frames ({args.seconds:g} s), {where}, "
+          f"median of {args.rounds} rounds: dense vs the sparse kernel (forced sparse)")
     shapes = [s for s in dense_linear if s != "all"]
-    print("| sparsity | dense (ms) | sparse (ms) | speed-up | " + " | ".join(f"{s} speed-up" for s in shapes) + " |")
-    print("|---|---|---|---|" + "---|" * len(shapes))
-    linear_speedup = {}
-    per_shape_speedups: dict[str, list[float]] = {s: [] for s in shapes}
-    for sparsity, times in zip(args.sparsities, linear_times[1:]):
-        linear_speedup[sparsity] = dense_linear["all"] / times["all"]
-        for s in shapes:
-            per_shape_speedups[s].append(dense_linear[s] / times[s])
-        print(f"| {sparsity:.0%} | {dense_linear['all'] * 1000:.1f} | {times['all'] * 1000:.1f} | "
-              f"{linear_speedup[sparsity]:.2f}x | " + " | ".join(f"{dense_linear[s] / times[s]:.2f}x" for s in shapes) + " |")
-    even = {s: break_even(args.sparsities, per_shape_speedups[s]) for s in shapes}
-    even["all"] = break_even(args.sparsities, list(linear_speedup.values()))
+    print("| sparsity | sparse kernel | dense (ms) | sparse (ms) | speed-up | "
+          + " | ".join(f"{s} speed-up" for s in shapes) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(shapes))
+    linear_speedup: dict[str, float] = {}
+    for label, kernel, times in zip(labels, sparse_kernels, linear_times[1:]):
+        linear_speedup[label] = dense_linear["all"] / times["all"]
+        print(f"| {label} | {'+'.join(kernel)} | {dense_linear['all'] * 1000:.2f} | {times['all'] * 1000:.2f} | "
+              f"{linear_speedup[label]:.2f}x | " + " | ".join(f"{dense_linear[s] / times[s]:.2f}x" for s in shapes) + " |")
+    per_shape = {s: [dense_linear[s] / t[s] for t in linear_times[1:len(unstructured) + 1]] for s in shapes}
+    even = {s: break_even(unstructured, per_shape[s]) for s in shapes}
+    even["all"] = break_even(unstructured, [linear_speedup[label] for label in labels[:len(unstructured)]])
+    rule = f"auto uses CSR from {CPU_MIN_SPARSITY:.0%}" if device.type == "cpu" else \
+        "auto runs unstructured masks dense on CUDA (2:4 masks in fp16/bf16 on the 2:4 kernels)"
     print("break-even sparsity (sparse = dense, interpolated): " +
-          ", ".join(f"{s} {v:.0%}" if v is not None else f"{s} not reached" for s, v in even.items()) +
-          f"; auto uses CSR from {CPU_MIN_SPARSITY:.0%}")
+          ", ".join(f"{s} {v:.0%}" if v is not None else f"{s} not reached" for s, v in even.items()) + f"; {rule}")
 
     # (b) the whole upstream with automatic kernel choice against the dense model.
     for model in pruned:
@@ -132,38 +165,38 @@ def main() -> None:
     model_times = interleaved_medians(experts, [wav], args.rounds)
     dense_total = model_times[0]
     bound = dense_total / (dense_total - dense_linear["all"])
-    base_macs = count_macs(dense, args.seconds)
     print()
-    print(f"(b) whole upstream, {args.seconds:g} s of audio, sparse_execution auto, median of {args.rounds} rounds; "
-          f"dense {dense_total * 1000:.1f} ms, of which pruned Linears {dense_linear['all'] * 1000:.1f} ms "
+    print(f"(b) whole upstream, {args.seconds:g} s of audio, {where}, sparse_execution auto, median of {args.rounds} "
+          f"rounds; dense {dense_total * 1000:.2f} ms, of which pruned Linears {dense_linear['all'] * 1000:.2f} ms "
           f"-> bound {bound:.2f}x")
     print("| sparsity | kernels | GMACs dense | GMACs effective | time (ms) | speed-up | bound | way to bound |")
     print("|---|---|---|---|---|---|---|---|")
-    model_speedup, way = {}, {}
-    for sparsity, model, kernel, seconds in zip(args.sparsities, pruned, kernels, model_times[1:]):
-        model_speedup[sparsity] = dense_total / seconds
-        way[sparsity] = (model_speedup[sparsity] - 1) / (bound - 1)
-        effective = count_effective_macs(model, args.seconds)
-        print(f"| {sparsity:.0%} | {'+'.join(kernel)} | {base_macs / 1e9:.1f} | {effective / 1e9:.1f} | "
-              f"{seconds * 1000:.1f} | {model_speedup[sparsity]:.2f}x | {bound:.2f}x | {way[sparsity]:.0%} |")
+    model_speedup: dict[str, float] = {}
+    way: dict[str, float] = {}
+    for label, kernel, effective, seconds in zip(labels, kernels, effective_macs, model_times[1:]):
+        model_speedup[label] = dense_total / seconds
+        way[label] = (model_speedup[label] - 1) / (bound - 1)
+        print(f"| {label} | {'+'.join(kernel)} | {base_macs / 1e9:.1f} | {effective / 1e9:.1f} | "
+              f"{seconds * 1000:.2f} | {model_speedup[label]:.2f}x | {bound:.2f}x | {way[label]:.0%} |")
     print()
     load_after = os.getloadavg()
     print(f"threads {torch.get_num_threads()} of {os.cpu_count()} cores; load average (1/5/15 min) "
           f"before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
-    def at(values: dict[float, float], sparsity: float) -> float | None:  # None (JSON null) if not measured
-        return round(values[sparsity], 3) if sparsity in values else None
+    def at(values: dict[str, float], label: str) -> float | None:  # None (JSON null) if not measured
+        return round(values[label], 3) if label in values else None
 
     result = {
-        "linear_speedup_90": at(linear_speedup, 0.9),
-        "linear_speedup_95": at(linear_speedup, 0.95),
-        "model_speedup_90": at(model_speedup, 0.9),
+        "linear_speedup_90": at(linear_speedup, "90%"),
+        "linear_speedup_95": at(linear_speedup, "95%"),
+        "model_speedup_90": at(model_speedup, "90%"),
         "model_bound_90": round(bound, 3),
-        "model_way_to_bound_90": at(way, 0.9),
-        "model_speedup_over_bound_90": round(model_speedup[0.9] / bound, 3) if 0.9 in model_speedup else None,
-        "linear_speedup": {f"{s:g}": round(v, 3) for s, v in linear_speedup.items()},
-        "model_speedup": {f"{s:g}": round(v, 3) for s, v in model_speedup.items()},
+        "model_way_to_bound_90": at(way, "90%"),
+        "model_speedup_over_bound_90": round(model_speedup["90%"] / bound, 3) if "90%" in model_speedup else None,
+        "linear_speedup": {k: round(v, 3) for k, v in linear_speedup.items()},
+        "model_speedup": {k: round(v, 3) for k, v in model_speedup.items()},
         "break_even": {s: (round(v, 3) if v is not None else None) for s, v in even.items()},
+        "device": where,
         "threads": torch.get_num_threads(),
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in load_after],
