@@ -329,7 +329,8 @@ def test_two_four_runs_on_semi_structured_kernels_on_cuda(hubert_ckpt):
     model.set_sparse_execution("dense")
     with torch.no_grad():
         expected, _ = model(wav)
-    assert set(model.set_sparse_execution("auto").values()) == {"semi_structured"}
+    assert set(model.set_sparse_execution("auto").values()) == {"dense"}  # measured: 2:4 loses on an H200
+    assert set(model.set_sparse_execution("sparse").values()) == {"semi_structured"}
     with torch.no_grad():
         states, _ = model(wav)
     for a, b in zip(states, expected):

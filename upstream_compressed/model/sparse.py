@@ -12,9 +12,9 @@ Without autograd it runs a kernel chosen once and cached until the weights chang
 
 The execution mode (``auto``, ``dense``, ``sparse``) is the module's ``execution`` attribute when
 set (from the upstream's ``-g`` option ``sparse_execution``), else the environment variable
-:data:`EXECUTION_ENV`, else ``auto``: CSR on CPU from :data:`CPU_MIN_SPARSITY` on, the 2:4 kernel on
-CUDA where the mask allows it and the dtype is fp16/bf16, dense otherwise. ``sparse`` forces CSR
-(or 2:4 on CUDA where the mask allows it), ``dense`` the GEMM.
+:data:`EXECUTION_ENV`, else ``auto``: CSR on CPU from :data:`CPU_MIN_SPARSITY` on, dense otherwise
+and always dense on CUDA (no sparse kernel won there; the measurement is noted below).
+``sparse`` forces CSR (or 2:4 on CUDA where the mask allows it), ``dense`` the GEMM.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ EXECUTION_ENV = "UPSTREAM_COMPRESSED_SPARSE_EXECUTION"
 # (benchmarks/weight_pruning.py): chunked CSR breaks even with dense GEMM at about 70% sparsity for
 # all three shapes (0.8x at 60%, 1.2x at 75%, 1.5x at 80%); 75% leaves a margin for noise.
 CPU_MIN_SPARSITY = 0.75
+# On CUDA no sparse kernel beats cuBLAS at these shapes (one NVIDIA H200, torch 2.11, 499 frames,
+# benchmarks/weight_pruning.py --device cuda): cuSPARSE CSR runs the 72 Linears 0.22x as fast as
+# dense at 90% sparsity and 0.33x at 95% (fp32), the 2:4 kernels 0.05x (fp16), so auto stays dense.
 # CSR on CPU is fastest when the activations it streams stay in cache: multiply this many frames
 # at a time (measured: 32 frames beat one call over all 499 frames by 1.1-1.5x at 90% sparsity).
 CPU_CHUNK_ROWS = 32
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def resolve_execution(mode: str | None, where: str = "sparse_execution") -> str:
@@ -161,37 +163,40 @@ class MaskedLinear(nn.Linear):
         weight = self.weight
         if mode == "dense" or weight.numel() == 0:
             return "dense"
-        if weight.device.type == "cuda":
-            two_four = is_two_four(self.mask)
-            if two_four and (weight.dtype in HALF_DTYPES or mode == "sparse"):
-                return "semi_structured"
-            return "csr" if mode == "sparse" else "dense"
+        if weight.device.type == "cuda":  # auto: dense, which won at every sparsity measured there
+            if mode == "auto":
+                return "dense"
+            return "semi_structured" if is_two_four(self.mask) else "csr"
         if mode == "sparse" or self.sparsity >= CPU_MIN_SPARSITY:
             return "csr"
         return "dense"
 
+    def _cache_key(self) -> tuple:
+        """What the kernel depends on: the mode as set, and each tensor's storage, dtype and in-place version.
+
+        Read on every forward, so it is kept cheap (on a GPU the Python time per Linear is what a short
+        forward waits on): direct dictionary reads, no tensor comparisons."""
+        weight, bias, mask = self._parameters["weight"], self._parameters["bias"], self._buffers["mask"]
+        return (self.execution, os.environ.get(EXECUTION_ENV), weight._version, weight.data_ptr(), weight.device,
+                weight.dtype, mask._version, mask.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
+
     def _current_kernel(self) -> Callable[[Tensor], Tensor] | None:
         """The cached kernel (None: dense), rebuilt when the mode, weights, device or dtype changed."""
-        mode = resolve_execution(self.execution)
-
-        def key() -> tuple:
-            tensors = [self.weight, self.mask] + ([self.bias] if self.bias is not None else [])
-            return (mode, *((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors))
-
-        if self._kernel is not None and self._kernel[0] == key():
+        if self._kernel is not None and self._kernel[0] == self._cache_key():
             return self._kernel[1]
+        mode = resolve_execution(self.execution)
         choice, kernel = self._choose(mode), None
         if choice == "semi_structured":
             try:
                 kernel = _SemiStructuredKernel(self.weight, self.mask, self.bias)
             except (RuntimeError, ValueError, NotImplementedError) as error:
-                warnings.warn(f"2:4 sparse kernel unavailable ({error}); using {'CSR' if mode == 'sparse' else 'dense'}")
-                choice = "csr" if mode == "sparse" else "dense"
+                warnings.warn(f"2:4 sparse kernel unavailable ({error}); using CSR")
+                choice = "csr"
         if choice == "csr":
             kernel = _CsrKernel(self.weight, self.mask, self.bias)
         elif choice == "dense":
             self.apply_mask_()  # the plain GEMM relies on pruned weights being exactly zero
-        self._kernel = (key(), kernel)
+        self._kernel = (self._cache_key(), kernel)  # after apply_mask_, which moves the weight's version
         return kernel
 
     def forward(self, x: Tensor) -> Tensor:
