@@ -22,7 +22,9 @@ def hubert_base_shape(seed: int = 0) -> Converted:
 
 
 def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds: int, warmup: int = 1) -> list[float]:
-    """Median forward time of each model, timed in alternation so drifts in machine load hit all alike."""
+    """Median forward time of each model, timed in alternation so drifts in machine load hit all alike.
+
+    Each round starts one model later, so that no model gains from always running in the same place."""
     import statistics
     import time
 
@@ -36,8 +38,9 @@ def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds
             model.eval()
             for _ in range(warmup):
                 model(wav)
-        for _ in range(rounds):
-            for i, model in enumerate(models):
+        for round_ in range(rounds):
+            for i in [(round_ + k) % len(models) for k in range(len(models))]:
+                model = models[i]
                 synchronize()
                 start = time.perf_counter()
                 model(wav)
