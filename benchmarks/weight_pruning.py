@@ -112,19 +112,19 @@ def main() -> None:
 
     base = hubert_base_shape()
     dense = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval().to(device, dtype)
-    steps = [(f"{s:.0%}", s, {"method": "weight_pruning", "sparsity": s, "selection": "per_layer"})
+    steps = [(f"{s:.0%}", {"method": "weight_pruning", "sparsity": s, "selection": "per_layer"})
              for s in args.sparsities]
     if args.two_four:
-        steps.append(("2:4", 0.5, {"method": "weight_pruning", "sparsity": 0.5, "selection": "per_layer",
+        steps.append(("2:4", {"method": "weight_pruning", "sparsity": 0.5, "selection": "per_layer",
                                    "pattern": "2:4"}))
     pruned, effective_macs = [], []
-    for _, _, step in steps:
+    for _, step in steps:
         model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
         model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0))
         effective_macs.append(count_effective_macs(model, args.seconds))  # on CPU in fp32, before the move
         pruned.append(model.to(device, dtype))
     base_macs = count_macs(SpeechTransformer.from_state_dict(base.config, base.state_dict), args.seconds)
-    labels = [label for label, _, _ in steps]
+    labels = [label for label, _ in steps]
     unstructured = args.sparsities  # 2:4, if asked for, comes after them
     wav = torch.randn(int(args.seconds * 16000), device=device, dtype=dtype)
     frames = len(wav)
