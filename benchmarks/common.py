@@ -21,16 +21,18 @@ def hubert_base_shape(seed: int = 0) -> Converted:
     return Converted(model.config, model.state_dict(), HUBERT_FORMAT)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds: int, warmup: int = 1) -> list[float]:
     """Median forward time of each model, timed in alternation so drifts in machine load hit all alike.
 
     Each round starts one model later, so that no model gains from always running in the same place."""
     import statistics
     import time
-
-    def synchronize() -> None:  # GPU work is queued: wait for it before reading the clock
-        if wav[0].is_cuda:
-            torch.cuda.synchronize(wav[0].device)
 
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
@@ -41,9 +43,9 @@ def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds
         for round_ in range(rounds):
             for i in [(round_ + k) % len(models) for k in range(len(models))]:
                 model = models[i]
-                synchronize()
+                synchronize(wav[0].device)
                 start = time.perf_counter()
                 model(wav)
-                synchronize()
+                synchronize(wav[0].device)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hubert_base_shape, interleaved_medians  # noqa: E402
+from common import hubert_base_shape, interleaved_medians, synchronize  # noqa: E402
 
 from upstream_compressed.compress import STEPS, StepContext  # noqa: E402
 from upstream_compressed.delta import Structure  # noqa: E402
@@ -49,12 +49,6 @@ SHAPES = {"q_proj": "attn 768x768", "k_proj": "attn 768x768", "v_proj": "attn 76
 
 def linears(model: SpeechTransformer) -> list[tuple[str, torch.nn.Module]]:
     return [(SHAPES[name], model.linear(i, name)) for i in range(model.config.num_layers) for name in LINEAR_NAMES]
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a wall-clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int, rounds: int,

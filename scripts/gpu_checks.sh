@@ -8,7 +8,7 @@
 #      sharing the GPU, stopped at the deadline so that what finished is packed.
 # Usage (repository root, package importable): bash scripts/gpu_checks.sh OUTDIR [DEADLINE_SECONDS]
 # OUTDIR receives log.txt, bench_fp32.txt, bench_fp16.txt, results.tgz (result/tiny without weights)
-# and deltas_{kd,wp}.tgz. The experiment resumes when run again (finished results are kept).
+# and delta_<model>.tgz for kd, kd_head_lr, wp50, wp90 (one per model: a device returns files of at most 16 MB). The experiment resumes when run again (finished results are kept).
 set -u
 OUTDIR=${1:?give an output folder}
 DEADLINE=${2:-540}
@@ -20,14 +20,15 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*"; }
 left() { echo $(( DEADLINE - ($(date +%s) - start) )); }
 
 stamp "corpus (background) + weight-pruning benchmark on the GPU"
-( [ -f data/embedded_corpus/corpus.json ] || $CLI make-corpus data/embedded_corpus --quiet ) > "$OUTDIR/corpus.txt" 2>&1 &
+( [ -f data/embedded_corpus/corpus.json ] || $CLI make-corpus data/embedded_corpus --quiet ) > /tmp/corpus.txt 2>&1 &
 corpus=$!
 timeout 100 $PY benchmarks/weight_pruning.py --device cuda --rounds 20 > "$OUTDIR/bench_fp32.txt" 2>&1
 tail -1 "$OUTDIR/bench_fp32.txt"
 timeout 100 $PY benchmarks/weight_pruning.py --device cuda --dtype float16 --two-four --rounds 20 \
     > "$OUTDIR/bench_fp16.txt" 2>&1
 tail -1 "$OUTDIR/bench_fp16.txt"
-wait $corpus || { stamp "corpus failed"; cat "$OUTDIR/corpus.txt"; exit 1; }
+wait $corpus || { stamp "corpus failed"; cat /tmp/corpus.txt; exit 1; }
+cat /tmp/corpus.txt
 sha256sum data/embedded_corpus/corpus.json
 
 stamp "CUDA test + profile --device cuda"
@@ -52,7 +53,8 @@ stamp "profile of wp90 on cuda"
 stamp "pack"
 tar czf "$OUTDIR/results.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='work' \
     --exclude='voxceleb1_cache' result/tiny
-for group in kd wp; do  # the deltas of the KD and weight-pruning models (each archive under 16 MB)
-  tar czf "$OUTDIR/deltas_$group.tgz" result/tiny/models/$group*/delta.safetensors 2>/dev/null
+for model in kd kd_head_lr wp50 wp90; do
+  delta=result/tiny/models/$model/delta.safetensors
+  [ -f $delta ] && tar czf "$OUTDIR/delta_$model.tgz" $delta
 done
 stamp "end"
