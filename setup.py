@@ -5,7 +5,15 @@ setup(
     version="0.1.0",
     description="Compressed Transformer speech upstreams (HuBERT, DistilHuBERT) for S3PRL/SUPERB",
     packages=find_packages(include=["upstream_compressed", "upstream_compressed.*"]),
-    package_data={"upstream_compressed": ["corpus/*.txt", "embedded/checkpoints/*.pt", "embedded/checkpoints/*.json"]},
+    package_data={
+        "upstream_compressed": [
+            "corpus/*.txt",
+            "embedded/checkpoints/*.pt",
+            "embedded/checkpoints/*.json",
+            "recipes/*/*.yaml",
+            "downstream_configs/*.yaml",
+        ]
+    },
     python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
