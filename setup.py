@@ -33,7 +33,7 @@ setup(
         "transformers<5",
         "espeakng-loader",  # espeak-ng library + data for make-corpus
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={"dev": ["pytest", "hypothesis"]},
     entry_points={
         "console_scripts": [
             "upstream-compressed=upstream_compressed.cli:main",
