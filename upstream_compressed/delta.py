@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import atomic_write_bytes  # noqa: F401 - re-exported: callers import it from here
 from .model import ModelConfig, SpeechTransformer
 from .model.convert import CheckpointError, Converted, load_base
 from .model.sparse import masked_linears
@@ -127,22 +127,6 @@ def _tensor_digest(tensors: dict[str, Tensor]) -> str:
         digest.update(str(list(tensor.shape)).encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------- sparse tensors

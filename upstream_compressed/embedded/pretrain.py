@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..files import atomic_torch_save, atomic_write_json
 from .targets import MFCC_RATE, assign, kmeans, mfcc_features
 
 logger = logging.getLogger(__name__)
@@ -210,23 +211,6 @@ def checkpoint_dict(model: torch.nn.Module, model_cfg: dict, task_cfg: dict, sym
     return {"task_cfg": task_cfg, "model_cfg": model_cfg, "model_weight": weights, "dictionaries_symbols": symbols}
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temporary, path)
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
@@ -338,9 +322,9 @@ def pretrain(
     }
     if init_only:  # the same architecture with random weights (a baseline for the evidence)
         recipe["what"] = "tiny HuBERT architecture with random weights (no training)"
-        save_atomic(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
+        atomic_torch_save(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
         recipe["sha256"] = sha256(output)
-        write_json_atomic(recipe, recipe_path(output))
+        atomic_write_json(recipe_path(output), recipe)
         return PretrainResult(output, recipe_path(output), parameters)
 
     corpus = Path(corpus)
@@ -404,15 +388,15 @@ def pretrain(
             history.append(entry)
             logger.info("pretrain %s", entry)
             bar.write(json.dumps(entry))
-            save_atomic(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
+            atomic_torch_save(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
     bar.close()
 
-    save_atomic(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
+    atomic_torch_save(checkpoint_dict(model, model_cfg, task_cfg, symbols, options.fp16_weights), output)
     recipe["history"] = history
     recipe["wall_seconds"] = round(time.time() - started, 1)
     recipe["sha256"] = sha256(output)
     recipe["size_bytes"] = output.stat().st_size
-    write_json_atomic(recipe, recipe_path(output))
+    atomic_write_json(recipe_path(output), recipe)
     return PretrainResult(output, recipe_path(output), parameters, history)
 
 
