@@ -24,6 +24,7 @@ Compress Transformer speech models (HuBERT, DistilHuBERT) for S3PRL.
   upstream-compressed profile -u NAME [-k CKPT] [--seconds 10] [--device cpu|cuda] [--json]
   upstream-compressed profile -u NAME [-k CKPT] --protocol superb [--json]
   upstream-compressed submission --pr EXPDIR --sid EXPDIR -o predict.zip
+  upstream-compressed manifest AUDIO_DIR -o AUDIO.tsv [--skip-bad]
 
 The delta then runs as an S3PRL upstream:
   run_downstream.py -m train -u hubert_<technique> -k OUT.safetensors -d ctc -c CONFIG.yaml
@@ -204,6 +205,32 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+MANIFEST_HELP = """\
+List a corpus's audio files and their lengths (from file headers only, in parallel) in fairseq's
+manifest layout: the first line the root folder, then `relative/path<TAB>num_samples`. Every `audio:`
+option (recovery, distillation, data-driven criteria, analyse heads) takes a manifest as well as a
+folder. Files that cannot be read, are empty or are not 16 kHz mono are named; the command then exits
+1, unless --skip-bad leaves them out.
+
+  upstream-compressed manifest /data/LibriSpeech/train-960 -o train-960.tsv --jobs 32
+"""
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from .audio.manifest import describe_bad, scan
+
+    manifest = scan(args.directory, jobs=args.jobs, progress=not args.quiet)
+    if manifest.bad and not args.skip_bad:
+        print(f"upstream-compressed manifest: {len(manifest.bad)} file(s) cannot be used:\n"
+              f"{describe_bad(manifest)}\nfix them, or pass --skip-bad to leave them out; nothing written",
+              file=sys.stderr)
+        return 1
+    manifest.write(args.output)
+    skipped = f", {len(manifest.bad)} bad file(s) left out" if manifest.bad else ""
+    print(f"wrote {args.output}: {len(manifest):,} files, {manifest.hours:.2f} h of audio{skipped}")
+    return 0
+
+
 def _submission(args: argparse.Namespace) -> int:
     from .superb.submission import PUBLIC_TEST_UTTERANCES, write_submission
 
@@ -304,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(run=_profile)
 
+    manifest = commands.add_parser("manifest", help="list a corpus's audio files and lengths (fairseq's .tsv)",
+                                   description=MANIFEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    manifest.add_argument("directory", help="folder searched recursively for .wav/.flac files")
+    manifest.add_argument("-o", "--output", required=True, help="manifest to write (.tsv)")
+    manifest.add_argument("--jobs", type=int, default=16, help="files read at a time (default 16; more on network disks)")
+    manifest.add_argument("--skip-bad", action="store_true", help="leave unusable files out (counted) instead of failing")
+    manifest.add_argument("--quiet", action="store_true", help="no progress bar")
+    manifest.set_defaults(run=_manifest)
+
     submission = commands.add_parser("submission", help="predict.zip for the SUPERB leaderboard from evaluated expdirs")
     submission.add_argument("--pr", help="phone recognition expdir with a finished `-m evaluate` (test-hyp.ark)")
     submission.add_argument("--sid",
@@ -315,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .audio.manifest import ManifestError
     from .experiments import PlanError
     from .model.convert import CheckpointError
     from .recipe import RecipeError
@@ -329,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError, ProfileError,
-            SubmissionError) as error:
+            SubmissionError, ManifestError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,44 @@
+"""Audio from a folder or a manifest (:mod:`.manifest`): the unlabelled speech that data-driven scoring and recovery training use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SAMPLE_RATE = 16000
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+def list_audio(source: str | os.PathLike) -> list[Path]:
+    """Every .wav/.flac file below a folder, sorted (so runs are reproducible), or the files a manifest lists."""
+    source = Path(os.path.expandvars(os.path.expanduser(str(source))))
+    if source.is_file():
+        from .manifest import read_manifest
+
+        manifest = read_manifest(source)
+        return [manifest.path(i) for i in range(len(manifest))]
+    if not source.is_dir():
+        hint = ("set the variables it names?" if source.is_absolute()
+                else f"relative paths are taken from the current directory, {Path.cwd()}")
+        raise FileNotFoundError(f"audio directory or manifest {source} does not exist ({hint})")
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no .wav or .flac files below {source}")
+    return files
+
+
+def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> torch.Tensor:
+    """A mono float32 waveform at 16 kHz (resampled if needed), optionally cut to ``max_seconds``."""
+    import soundfile
+
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    wav = torch.from_numpy(data.mean(axis=1))
+    if rate != SAMPLE_RATE:
+        import torchaudio.functional
+
+        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+    if max_seconds is not None:
+        wav = wav[: int(max_seconds * SAMPLE_RATE)]
+    return wav
