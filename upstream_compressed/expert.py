@@ -27,6 +27,8 @@ def validate_wavs(wavs: Sequence[Tensor], min_samples: int) -> None:
                 f"waveform {i} has shape {tuple(wav.shape)}; expected a 1-D mono waveform "
                 "(mix multi-channel audio down to one channel first)"
             )
+        if wav.is_complex() or wav.dtype == torch.bool:
+            raise ValueError(f"waveform {i} has dtype {wav.dtype}; expected real samples in [-1, 1] as a float tensor")
         if not torch.is_floating_point(wav):
             raise ValueError(
                 f"waveform {i} has integer dtype {wav.dtype}; convert to float in [-1, 1] "
@@ -54,8 +56,10 @@ class UpstreamExpert(nn.Module):
 
     def forward(self, wavs: Sequence[Tensor]) -> dict[str, object]:
         validate_wavs(wavs, self.model.config.receptive_field)
+        # Any float precision is fine (float64 from numpy, half from a loader): compute in the model's.
+        dtype = self.model.input_dtype
         lengths = torch.tensor([len(wav) for wav in wavs], device=wavs[0].device)
-        states, padding_mask = self.model(pad_sequence(list(wavs), batch_first=True), lengths)
+        states, padding_mask = self.model(pad_sequence([wav.to(dtype) for wav in wavs], batch_first=True), lengths)
         return {
             "hidden_states": states,
             "last_hidden_state": states[-1],

@@ -45,6 +45,11 @@ class SpeechTransformer(nn.Module):
             else None
         )
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The float type waveforms are cast to: the model's own (every model has ``encoder_norm``)."""
+        return self.encoder_norm.weight.dtype
+
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state_dict: dict[str, Tensor], share: bool = False) -> "SpeechTransformer":
         """Build a model and load ``state_dict`` without paying for a random initialisation first.
@@ -109,6 +114,9 @@ class SpeechTransformer(nn.Module):
         Returns (hidden_states, padding_mask): a list of (B, T, D) tensors and the (B, T) frame mask.
         Padded frames hold arbitrary values, as in S3PRL.
         """
+        if not torch.is_floating_point(wav):
+            raise ValueError(f"wav has dtype {wav.dtype}; expected a float batch of samples in [-1, 1]")
+        wav = wav.to(self.input_dtype)  # float64/half/bfloat16 input runs in the model's own precision
         if wav_lengths is None:
             wav_lengths = torch.full((wav.shape[0],), wav.shape[1], device=wav.device, dtype=torch.long)
         if self.config.normalize_waveform:
