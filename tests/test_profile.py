@@ -128,3 +128,21 @@ def test_profile_refuses_unknown_upstreams_and_devices(capsys):
     if not torch.cuda.is_available():
         assert main(["profile", "-u", "fbank", "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_peak_forward_memory_is_measured_after_warm_forwards(hubert_ckpt):
+    """A warm forward used to read 0 bytes (glibc reused the pages freed by the timed forwards).
+
+    Lower bound known without measuring: the first conv's output (32 channels x 31,999 frames of
+    float32 on 10 s) and its GroupNorm's output are alive together, so the forward needs at least
+    twice that; the timing runs (repeats + warmup) come before the measurement, as in the CLI.
+    """
+    from upstream_compressed.upstream_profile import load_upstream, profile_upstream
+
+    upstream = load_upstream("hubert_local", str(hubert_ckpt))
+    first_conv_output = 32 * ((160_000 - 10) // 5 + 1) * 4
+    for _ in range(2):  # the second profile runs entirely on a warm allocator
+        result = profile_upstream(upstream, "hubert_local", seconds=10.0, repeats=2)
+        if result["peak_memory_measure"].startswith("process peak RSS (malloc_trim"):
+            assert result["peak_memory_forward_bytes"] >= 2 * first_conv_output
+        assert result["peak_memory_bytes"] >= result["peak_memory_forward_bytes"] > 0

@@ -11,11 +11,18 @@ with ``FlopCounterMode`` (FLOPs / 2).
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one forward (the weights
 included); on CPU, the process's peak resident set size (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the forward; the weights, Python and libraries included).
-``peak_memory_forward_bytes`` is the part above what was in use just before the forward.
+``peak_memory_forward_bytes`` is the part above what was in use just before the forward. On CPU,
+glibc keeps the memory that earlier forwards freed mapped, so a warm forward reuses it without
+raising the RSS (it read 0); ``malloc_trim(0)`` first hands those free pages back to the system, so
+the forward has to touch its working memory again and the RSS rise measures it. That is what the
+operating system sees (oneDNN scratch buffers and allocator slack included), unlike a count of
+tensor bytes, and costs nothing, unlike a fresh process per measurement.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import difflib
 import resource
 import statistics
@@ -120,6 +127,19 @@ def _proc_status_bytes(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim(0)``); False where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS): nothing to trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[int, int, str]:
     """(peak bytes during ``run()``, the part above the level before it, how it was measured)."""
     if device.type == "cuda":
@@ -130,12 +150,15 @@ def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[int, int,
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return peak, peak - before, "torch.cuda.max_memory_allocated"
+    # Without this, a warm forward runs in heap pages that earlier forwards left mapped: no RSS rise.
+    trimmed = release_free_heap()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
         before = _proc_status_bytes("VmRSS")
         run()
         peak = _proc_status_bytes("VmHWM")
-        return peak, peak - before, "process peak RSS (VmHWM, reset before the forward)"
+        how = "malloc_trim, then " if trimmed else ""
+        return peak, peak - before, f"process peak RSS ({how}VmHWM reset before the forward)"
     except OSError:  # not Linux: the high-water mark since start cannot be reset, so only its growth
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         run()
