@@ -85,23 +85,26 @@ if [ $REAL = 1 ]; then
   TASKS=""
   [ -z "$LIBRISPEECH" ] || TASKS=pr
   [ -z "$VOXCELEB1" ] || TASKS=${TASKS:+$TASKS,}sid
+  export LIBRISPEECH VOXCELEB1  # recipes/full/*.yaml read their audio as ${LIBRISPEECH}/...
   python - "$PLAN" "$BASE" "$LIBRISPEECH" "$LEXICON" "$VOXCELEB1" "${VOX_SPLIT:-${VOXCELEB1:+$VOXCELEB1/iden_split.txt}}" $RECIPES <<'EOF'
 import sys, yaml
 from pathlib import Path
 plan, base, libri, lexicon, vox, split, *recipes = sys.argv[1:]
 from upstream_compressed.recipe import load_recipe, technique_name
+# The plan lives in EXPDIR and its relative paths would be read from there: write them absolute.
+absolute = lambda value: str(Path(value).resolve()) if value else "/nonexistent"
 models = [{"name": "base", "method": "base"}]
-for r in recipes:
+for r in recipes:  # a path or a bundled name (full/kd)
     recipe = load_recipe(r, base=base) if base else load_recipe(r)
-    models.append({"name": Path(r).stem, "method": technique_name(recipe.steps), "recipe": str(Path(r).resolve())})
+    models.append({"name": Path(r).stem, "method": technique_name(recipe.steps), "recipe": str(recipe.source.resolve())})
 vocab = str(Path("upstream_compressed/corpus/phoneme.txt").resolve())
-data = {"librispeech": libri or "/nonexistent", "lexicon": lexicon or "/nonexistent", "vocab": vocab,
-        "voxceleb1": vox or "/nonexistent", "voxceleb1_split": split or "/nonexistent"}
+data = {"librispeech": absolute(libri), "lexicon": absolute(lexicon), "vocab": vocab,
+        "voxceleb1": absolute(vox), "voxceleb1_split": absolute(split)}
+base = absolute(base) if base and Path(base).is_file() else base
 Path(plan).write_text(yaml.safe_dump({"base": base or "hubert_base", "override_base": bool(base), "data": data,
-    "pr_config": "downstream_configs/ctc_libriphone.yaml", "sid_config": "downstream_configs/voxceleb1.yaml",
+    "pr_config": "ctc_libriphone", "sid_config": "voxceleb1",
     "models": models}, sort_keys=False))
 EOF
-  export LIBRISPEECH VOXCELEB1  # recipes/full/*.yaml read their audio as ${LIBRISPEECH}/...
   PLAN_ARGS=()
 else
   PLAN=${PLAN:-recipes/quick/plan.yaml}

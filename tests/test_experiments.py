@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from upstream_compressed.bundled import RECIPES
 from upstream_compressed.experiments import PlanError, load_plan, run_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,18 +21,32 @@ def tiny_corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("synth") / "corpus", options, progress=False).root
 
 
-def test_shipped_tiny_plan_is_valid():
-    plan = load_plan(REPO / "recipes" / "tiny" / "plan.yaml")
-    names = [m.name for m in plan.models]
-    assert {"base", "random_init", "fbank", "kd", "kd_head_lr"} <= set(names)
+@pytest.mark.parametrize("name", ["quick", "tiny"])
+def test_shipped_plans_are_valid_by_name_and_by_checkout_path(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # by name from any folder
+    plan = load_plan(name, corpus="c")
+    assert plan.path == RECIPES / name / "plan.yaml" and plan.corpus == tmp_path / "c"
     assert all(Path(m.recipe).is_file() for m in plan.models if m.recipe)
-    shipped = {p.stem for p in (REPO / "recipes" / "tiny").glob("*.yaml")} - {"plan"}
-    assert {Path(m.recipe).stem for m in plan.models if m.recipe} == shipped  # every tiny recipe is scored
+    assert all(config.is_file() for config in plan.configs.values())
+    shipped = {p.stem for p in (RECIPES / name).glob("*.yaml")} - {"plan"}
+    assert {Path(m.recipe).stem for m in plan.models if m.recipe} == shipped  # every recipe of the set is scored
+    if name == "tiny":
+        assert {"base", "random_init", "fbank", "kd", "kd_head_lr"} <= {m.name for m in plan.models}
+    monkeypatch.chdir(REPO)  # the checkout's path (recipes/ links into the package) reads the same plan
+    assert load_plan(f"recipes/{name}/plan.yaml", corpus=tmp_path / "c").models == plan.models
+
+
+def test_a_bundled_plan_without_a_corpus_says_how_to_give_one(monkeypatch):
+    monkeypatch.delenv("CORPUS", raising=False)
+    with pytest.raises(PlanError, match=r"corpus: environment variable CORPUS is not set .*give --corpus DIR"):
+        load_plan("quick")
+    with pytest.raises(PlanError, match=r"plan nope does not exist, and it is no bundled plan name \(quick, tiny\)"):
+        load_plan("nope")
 
 
 def write_plan(tmp_path, models, **fields):
-    data = {"corpus": str(tmp_path), "pr_config": "downstream_configs/ctc_libriphone_tiny.yaml",
-            "sid_config": "downstream_configs/voxceleb1_tiny.yaml", "models": models, **fields}
+    data = {"corpus": str(tmp_path), "pr_config": "ctc_libriphone_tiny", "sid_config": "voxceleb1_tiny",
+            "models": models, **fields}
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -43,7 +58,9 @@ def write_plan(tmp_path, models, **fields):
     ([{"name": "a", "method": "head_pruning"}], r"models\[0\]: method 'head_pruning' needs 'recipe'"),
     ([{"name": "a", "method": "base", "recipe": "x.yaml"}], r"models\[0\]: method base takes no 'recipe'"),
     ([{"name": "a", "method": "base"}, {"name": "a", "method": "fbank"}], r"models\[1\]: name 'a' must be unique"),
-    ([{"name": "a", "method": "x", "recipe": "missing.yaml"}], r"models\[0\]: recipe .*missing.yaml does not exist"),
+    ([{"name": "a", "method": "x", "recipe": "missing.yaml"}], r"models\[0\]\.recipe: file .*missing.yaml does not exist"),
+    ([{"name": "a", "method": "checkpoint", "upstream": "hubert_local", "ckpt": "no.pt"}],
+     r"models\[0\]\.ckpt: file .*no.pt does not exist"),
     ([{"name": "a", "method": "base", "colour": 1}], r"models\[0\]: unknown field\(s\) colour"),
 ])
 def test_bad_plans_are_refused_naming_the_field(tmp_path, models, message):

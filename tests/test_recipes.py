@@ -1,4 +1,4 @@
-"""Every recipe shipped under recipes/ is valid; the tiny ones run on a tiny base from the repository root."""
+"""Every bundled recipe is valid and found by name; the tiny ones run on a tiny base, reading ${CORPUS}."""
 
 import shutil
 from pathlib import Path
@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 
 from helpers import shrink_recipe_steps
+from upstream_compressed.bundled import RECIPES as BUNDLED_RECIPES
 from upstream_compressed.compress import run_recipe
 from upstream_compressed.recipe import load_recipe, parse_recipe, technique_name
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "plan.yaml")  # plan: test_experiments
-TINY = sorted(p for p in (REPO / "recipes" / "tiny").glob("*.yaml") if p.name != "plan.yaml")
-TINY_AUDIO = "data/embedded_corpus/LibriSpeech/train-clean-100"  # relative to the repository root
+RECIPES = sorted(p for p in BUNDLED_RECIPES.rglob("*.yaml") if p.name != "plan.yaml")  # plan: test_experiments
+TINY = sorted(p for p in (BUNDLED_RECIPES / "tiny").glob("*.yaml") if p.name != "plan.yaml")
+TINY_AUDIO = "LibriSpeech/train-clean-100"  # below ${CORPUS}, the make-corpus folder
 # recipe -> the technique (upstream hubert_<technique>) it must produce
 TINY_TECHNIQUES = {
     "kd": "kd", "kd_logits": "kd", "kd_head_lr": "kd_head_lr",
@@ -34,24 +34,35 @@ FULL = {"heads50", "rows50", "lowrank50", "kd", "kd_head_lr"}
 
 def test_the_shipped_sets_are_complete():
     assert {p.stem for p in TINY} == set(TINY_TECHNIQUES)
-    assert {p.stem for p in (REPO / "recipes" / "full").glob("*.yaml")} == FULL
+    assert {p.stem for p in (BUNDLED_RECIPES / "full").glob("*.yaml")} == FULL
+
+
+@pytest.fixture
+def data_variables(tmp_path, monkeypatch):
+    """CORPUS (tiny, quick) and LIBRISPEECH (full) set to folders holding what the recipes read."""
+    for folder in ("corpus/LibriSpeech/train-clean-100", "librispeech/train-clean-100", "librispeech/dev-clean"):
+        (tmp_path / folder).mkdir(parents=True)
+    monkeypatch.setenv("CORPUS", str(tmp_path / "corpus"))
+    monkeypatch.setenv("LIBRISPEECH", str(tmp_path / "librispeech"))
+    return tmp_path
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_shipped_recipe_is_valid(path):
-    recipe = load_recipe(path)
-    assert recipe.steps
+def test_shipped_recipe_is_valid_and_found_by_name(path, data_variables):
+    recipe = load_recipe(f"{path.parent.name}/{path.stem}")  # the bundled name, from any folder
+    assert recipe.source == path and recipe.steps
+    audio = {s.get("audio") for s in recipe.steps} | {s.get("recovery", {}).get("audio") for s in recipe.steps}
+    assert all(Path(a).is_dir() for a in audio - {None})  # resolved to the folders the variables name
     if path.parent.name == "tiny":
         assert recipe.base == "tiny_hubert"
         assert technique_name(recipe.steps) == TINY_TECHNIQUES[path.stem]
-        audio = {s.get("audio") for s in recipe.steps} | {s.get("recovery", {}).get("audio") for s in recipe.steps}
-        assert audio - {None} <= {TINY_AUDIO}  # recipes without training or scoring read no audio
+        assert audio - {None} <= {str(data_variables / "corpus" / TINY_AUDIO)}  # some read no audio
 
 
 @pytest.fixture(scope="module")
-def repo_like_root(tmp_path_factory, audio_dir):
-    """A folder laid out like the repository root: the tiny recipes' audio path exists below it."""
-    root = tmp_path_factory.mktemp("root")
+def corpus_folder(tmp_path_factory, audio_dir):
+    """A folder laid out like a make-corpus folder as far as the tiny recipes read it."""
+    root = tmp_path_factory.mktemp("corpus")
     shutil.copytree(audio_dir, root / TINY_AUDIO)
     return root
 
@@ -62,9 +73,9 @@ def four_layer_base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
-def test_tiny_recipe_runs_from_the_repository_root(path, repo_like_root, four_layer_base, monkeypatch):
+def test_tiny_recipe_runs_on_the_corpus_that_CORPUS_names(path, corpus_folder, four_layer_base, monkeypatch):
     """Each tiny recipe, with its base replaced by a 4-layer test checkpoint and its training cut to a step."""
-    monkeypatch.chdir(repo_like_root)
+    monkeypatch.setenv("CORPUS", str(corpus_folder))
     recipe = load_recipe(path, base=str(four_layer_base))
     steps = shrink_recipe_steps(recipe.steps, steps=1, batch_size=2, max_seconds=1.0, max_utterances=4)
     delta = run_recipe(parse_recipe({"base": recipe.base, "steps": steps}))
@@ -72,15 +83,15 @@ def test_tiny_recipe_runs_from_the_repository_root(path, repo_like_root, four_la
     assert delta.manifest["params"]["compressed"] <= delta.manifest["params"]["base"]
 
 
-def test_kd_head_lr_ends_at_about_the_size_of_kd(tmp_path, repo_like_root, monkeypatch):
+def test_kd_head_lr_ends_at_about_the_size_of_kd(tmp_path, corpus_folder, monkeypatch):
     """On the bundled tiny HuBERT's shape (4 layers, 256 dims, 4 heads, FFN 1024), as the recipes state."""
     base = make_hubert_checkpoint(tmp_path / "tiny_shape.pt", layers=4, dim=256, ffn=1024, heads=4,
                                   conv_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(128,2,2)] * 2",
                                   conv_pos=64, conv_pos_groups=16)
-    monkeypatch.chdir(repo_like_root)
+    monkeypatch.setenv("CORPUS", str(corpus_folder))
     params = {}
     for name in ("kd", "kd_head_lr"):
-        recipe = load_recipe(REPO / "recipes" / "tiny" / f"{name}.yaml", base=str(base))
+        recipe = load_recipe(f"tiny/{name}", base=str(base))
         steps = shrink_recipe_steps(recipe.steps, steps=1, batch_size=1, max_seconds=0.5, max_utterances=2)
         params[name] = run_recipe(parse_recipe({"base": recipe.base, "steps": steps})).manifest["params"]
     kd, combined = params["kd"]["compressed"], params["kd_head_lr"]["compressed"]

@@ -111,7 +111,13 @@ Work already done (a delta, a result.json) is reused, so a killed run resumes wh
 Results land in EXPDIR/models/<model>/ and EXPDIR/downstream/<task>_<model>/result.json;
 `upstream-compressed report EXPDIR` turns them into the trade-off table and plots.
 
-  upstream-compressed experiment recipes/tiny/plan.yaml --expdir exp/tiny --jobs 2
+  upstream-compressed make-corpus data/embedded_corpus
+  upstream-compressed experiment quick --corpus data/embedded_corpus --expdir exp/quick --jobs 2
+
+A plan is a file or a bundled plan's name (quick, tiny). Paths inside a plan or a recipe are relative
+to that file's folder, after ~ and ${VAR} are expanded; recipe, pr_config and sid_config may also be
+bundled names (tiny/kd, ctc_libriphone_embedded). Recipes read their audio as ${CORPUS}/..., which
+the plan's corpus (or --corpus) sets.
 """
 
 
@@ -251,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compress = commands.add_parser("compress", help="run a recipe on its base and write a delta")
-    compress.add_argument("recipe", help="YAML recipe: `base:` (path or known name) and `steps:`")
+    compress.add_argument("recipe", help="YAML recipe (`base:` and `steps:`) or a bundled recipe's name, e.g. "
+                          "tiny/kd; its paths are relative to its folder")
     compress.add_argument("-o", "--output", required=True, help="delta file to write (.safetensors)")
     compress.add_argument("--base", help="use this base instead of the recipe's `base:` (a checkpoint path or a "
                           "known name); the delta records the one used")
@@ -270,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment", help="compress every model of a plan and score it with SUPERB PR and SID",
         description=EXPERIMENT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    experiment.add_argument("plan", help="plan YAML: corpus, base, pr_config, sid_config, models")
+    experiment.add_argument("plan", help="plan YAML (corpus, base, pr_config, sid_config, models) or a bundled "
+                            "plan's name: quick, tiny")
     experiment.add_argument("--expdir", required=True, help="output folder (models/, downstream/); reused to resume")
-    experiment.add_argument("--corpus", help="make-corpus folder (overrides the plan's corpus:)")
+    experiment.add_argument("--corpus", help="make-corpus folder (overrides the plan's corpus:; the bundled "
+                            "plans need it, or CORPUS set)")
     experiment.add_argument("--tasks", default="pr,sid", help="comma-separated subset of pr,sid (default both)")
     experiment.add_argument("--models", help="comma-separated model names (default: all in the plan)")
     experiment.add_argument("--jobs", type=int, default=1, help="downstream runs at a time (default 1)")

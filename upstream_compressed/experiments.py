@@ -3,15 +3,21 @@
 A plan (YAML) lists models; each is the base itself, a recipe compressed into a delta, an existing
 checkpoint, S3PRL's ``fbank`` baseline, or the base architecture with random weights::
 
-    corpus: ${CORPUS}                       # a make-corpus folder (LibriSpeech + VoxCeleb1 trees)
+    corpus: ./mydata                        # a make-corpus folder (LibriSpeech + VoxCeleb1 trees)
     base: tiny_hubert                       # path or known/bundled name
-    pr_config: downstream_configs/ctc_libriphone_embedded.yaml
-    sid_config: downstream_configs/voxceleb1_embedded.yaml
+    pr_config: ctc_libriphone_embedded      # path or bundled config name
+    sid_config: voxceleb1_embedded
     models:
       - {name: base, method: base, upstream: hubert_local}
-      - {name: heads50_l1, method: head_pruning, rate: 0.5, recipe: recipes/tiny/heads50_l1.yaml}
+      - {name: heads50_l1, method: head_pruning, rate: 0.5, recipe: tiny/heads50_l1}   # or a path
+      - {name: mine, method: head_pruning, rate: 0.5, recipe: my_recipe.yaml}
       - {name: fbank, method: fbank, upstream: fbank}
       - {name: random, method: random_init}
+
+Relative paths are relative to the plan's folder, after ``~`` and ``${VAR}`` are expanded; a name
+that is no file there may be a bundled recipe or config (the rule: :mod:`upstream_compressed.bundled`).
+``--corpus`` replaces ``corpus:`` and is relative to the current folder; recipes that read audio
+name it ``${CORPUS}/...``, which the plan's corpus sets for every compression.
 
 Real data sets instead of a make-corpus folder: ``data: {librispeech: DIR, lexicon: FILE, vocab: FILE,
 voxceleb1: DIR, voxceleb1_split: iden_split.txt}`` (each overrides what ``corpus`` would give).
@@ -37,15 +43,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .bundled import bundled_config, bundled_plan, bundled_recipe, file_or_name, find_file, resolve_path
 from .overrides import ctc_override, voxceleb1_override
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Models without a recipe; any other method is a label (the report draws one line per label) on a recipe.
 SPECIAL_METHODS = {"base", "fbank", "random_init", "checkpoint"}
 
@@ -100,79 +106,93 @@ def _corpus_data(corpus: Path) -> dict[str, Path]:
             "voxceleb1": corpus / "VoxCeleb1", "voxceleb1_split": corpus / "VoxCeleb1" / "iden_split.txt"}
 
 
-def _expand(value: str, where: str) -> str:
-    expanded = os.path.expandvars(os.path.expanduser(value))
-    missing = re.findall(r"\$\{?(\w+)\}?", expanded)
-    if missing:
-        raise PlanError(f"{where}: environment variable {missing[0]} is not set (in {value!r})")
-    return expanded
+def load_plan(path: str | os.PathLike, corpus: str | os.PathLike | None = None) -> Plan:
+    """Read and check a plan: a file, or a bundled plan's name (``quick``, ``tiny``).
 
-
-def _path(value: str, relative_to: Path, where: str) -> Path:
-    path = Path(_expand(value, where))
-    return path if path.is_absolute() else (relative_to / path)
-
-
-def load_plan(path: str | os.PathLike, corpus: str | None = None) -> Plan:
-    """Read and check a plan; ``corpus`` overrides the plan's ``corpus:``. Paths are relative to the repo root."""
-    path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"plan {path} does not exist")
+    ``corpus`` (a path from the current folder, as ``--corpus`` gives it) overrides the plan's
+    ``corpus:``. Paths in the plan follow :mod:`upstream_compressed.bundled`'s rule: relative to the
+    plan's folder after ``~`` and ``${VAR}``; ``recipe``, ``pr_config`` and ``sid_config`` may be
+    bundled names (``tiny/kd``, ``ctc_libriphone_embedded``).
+    """
+    path = find_file(path, bundled_plan, PlanError)
+    folder = path.resolve().parent
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise PlanError(f"{path}: expected a mapping with corpus, base, pr_config, sid_config and models")
     given = data.get("data") or {}
     if not isinstance(given, dict) or set(given) - set(DATA_KEYS):
         raise PlanError(f"{path}: 'data' must map some of {', '.join(DATA_KEYS)} to paths")
-    corpus_value = corpus or data.get("corpus")
-    if corpus_value is None and set(given) != set(DATA_KEYS):
-        raise PlanError(f"{path}: no 'corpus:' field, no --corpus, and 'data:' does not name all of {', '.join(DATA_KEYS)}")
-    corpus_path = _path(str(corpus_value), REPO_ROOT, f"{path}: corpus") if corpus_value is not None else None
+    corpus_path = _corpus(path, folder, data.get("corpus"), corpus, complete_data=set(given) == set(DATA_KEYS))
     paths = _corpus_data(corpus_path) if corpus_path is not None else {}
-    paths.update({k: _path(str(v), REPO_ROOT, f"{path}: data.{k}") for k, v in given.items()})
+    paths.update({k: resolve_path(v, folder, f"{path}: data.{k}", PlanError) for k, v in given.items()})
     configs = {}
     for key in TASKS:
         field = f"{key}_config"
         if field not in data:
             raise PlanError(f"{path}: missing '{field}' (the S3PRL downstream config for {TASKS[key].name})")
-        configs[key] = _path(data[field], REPO_ROOT, f"{path}: {field}")
-        if not configs[key].is_file():
-            raise PlanError(f"{path}: {field}: {configs[key]} does not exist")
-    models, names = [], set()
+        configs[key] = resolve_path(data[field], folder, f"{path}: {field}", PlanError, bundled=bundled_config,
+                                    must_be="file")
+    models: list[ModelSpec] = []
     for index, entry in enumerate(data.get("models") or []):
-        where = f"{path}: models[{index}]"
-        if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
-            raise PlanError(f"{where}: each model needs 'name' and 'method'")
-        unknown = set(entry) - {f.name for f in ModelSpec.__dataclass_fields__.values()}
-        if unknown:
-            raise PlanError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        spec = ModelSpec(**entry)
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name) or spec.name in names:
-            raise PlanError(f"{where}: name {spec.name!r} must be unique and use letters, digits, '_', '.', '-'")
-        names.add(spec.name)
-        if spec.method in SPECIAL_METHODS and spec.recipe:
-            raise PlanError(f"{where}: method {spec.method} takes no 'recipe'")
-        if spec.method not in SPECIAL_METHODS:
-            if not spec.recipe:
-                raise PlanError(f"{where}: method {spec.method!r} needs 'recipe' (or use one of "
-                                f"{', '.join(sorted(SPECIAL_METHODS))})")
-            recipe = _path(spec.recipe, REPO_ROOT, where)
-            if not recipe.is_file():
-                raise PlanError(f"{where}: recipe {recipe} does not exist")
-            spec = ModelSpec(**{**asdict(spec), "recipe": str(recipe)})
-        if spec.method == "checkpoint" and not (spec.ckpt and spec.upstream):
-            raise PlanError(f"{where}: method checkpoint needs 'upstream' and 'ckpt'")
+        spec = _model(entry, index, path, folder)
+        if spec.name in {m.name for m in models}:
+            raise PlanError(f"{path}: models[{index}]: name {spec.name!r} must be unique")
         models.append(spec)
     if not models:
         raise PlanError(f"{path}: 'models' is empty")
-    return Plan(path, corpus_path, str(data.get("base", "tiny_hubert")), configs, models, paths,
-                bool(data.get("override_base", False)))
+    from .bases import KNOWN_BASES
+    from .embedded import BUNDLED
+
+    base = file_or_name(str(data.get("base", "tiny_hubert")), folder, f"{path}: base", PlanError,
+                        {*KNOWN_BASES, *BUNDLED})
+    return Plan(path, corpus_path, base, configs, models, paths, bool(data.get("override_base", False)))
+
+
+def _corpus(path: Path, folder: Path, value: Any, given: str | os.PathLike | None, complete_data: bool) -> Path | None:
+    """The corpus folder: ``--corpus`` from the current folder, else the plan's ``corpus:`` by the path rule."""
+    if given is not None:
+        return Path(os.path.abspath(given))
+    if value is None:
+        if complete_data:
+            return None
+        raise PlanError(f"{path}: no 'corpus:' field, no --corpus, and 'data:' does not name all of {', '.join(DATA_KEYS)}")
+    try:
+        return resolve_path(value, folder, f"{path}: corpus", PlanError)
+    except PlanError as error:
+        raise PlanError(f"{error}: set it, or give --corpus DIR (a make-corpus folder)") from None
+
+
+def _model(entry: Any, index: int, path: Path, folder: Path) -> ModelSpec:
+    """One checked ``models:`` entry, its recipe and checkpoint paths resolved."""
+    where = f"{path}: models[{index}]"
+    if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
+        raise PlanError(f"{where}: each model needs 'name' and 'method'")
+    unknown = set(entry) - {f.name for f in ModelSpec.__dataclass_fields__.values()}
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    spec = ModelSpec(**entry)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(spec.name)):
+        raise PlanError(f"{where}: name {spec.name!r} must be unique and use letters, digits, '_', '.', '-'")
+    if spec.method in SPECIAL_METHODS and spec.recipe:
+        raise PlanError(f"{where}: method {spec.method} takes no 'recipe'")
+    if spec.method not in SPECIAL_METHODS:
+        if not spec.recipe:
+            raise PlanError(f"{where}: method {spec.method!r} needs 'recipe' (or use one of "
+                            f"{', '.join(sorted(SPECIAL_METHODS))})")
+        recipe = resolve_path(spec.recipe, folder, f"{where}.recipe", PlanError, bundled=bundled_recipe, must_be="file")
+        spec = replace(spec, recipe=str(recipe))
+    if spec.method == "checkpoint":
+        if not (spec.ckpt and spec.upstream):
+            raise PlanError(f"{where}: method checkpoint needs 'upstream' and 'ckpt'")
+        spec = replace(spec, ckpt=str(resolve_path(spec.ckpt, folder, f"{where}.ckpt", PlanError, must_be="file")))
+    return spec
 
 
 # ----------------------------------------------------------------------------------- models
 def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(temporary, path)
+    from .delta import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def _cli(*args: str) -> list[str]:
@@ -185,7 +205,8 @@ def _run(command: list[str], log: Path, env: dict[str, str], append: bool = Fals
     with log.open("a" if append else "w") as file:
         file.write("$ " + " ".join(command) + "\n")
         file.flush()
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=file, stderr=subprocess.STDOUT, text=True)
+        # Run where we run: the plan's paths are absolute already, and EXPDIR is the caller's.
+        result = subprocess.run(command, env=env, stdout=file, stderr=subprocess.STDOUT, text=True)
     output = log.read_text(errors="replace")
     if result.returncode != 0:
         raise RuntimeError(f"failed ({result.returncode}): {' '.join(command)}\nsee {log}; its end:\n{output[-2500:]}")
@@ -209,7 +230,7 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
     elif spec.method == "fbank":
         info.update(upstream=spec.upstream or "fbank", ckpt=None)
     elif spec.method == "checkpoint":
-        info.update(upstream=spec.upstream, ckpt=str(_path(spec.ckpt, REPO_ROOT, spec.name)))
+        info.update(upstream=spec.upstream, ckpt=spec.ckpt)
     elif spec.method == "random_init":
         base = resolve_base(plan.base)
         target = folder / "random_init.pt"

@@ -7,12 +7,14 @@ steps: []                             # no step: the identity delta
 A MelHuBERT base may add ``mean_std: PATH`` (its fbank statistics .npy) unless that file lies beside
 the checkpoint as ``<stem>.mean-std.npy`` or ``mean-std.npy``.
 Recipes are validated completely before any work starts; errors name the field.
+Paths in a recipe file (``base``, ``mean_std``, ``audio``) are relative to the recipe's folder, after
+``~`` and ``${VAR}`` are expanded (:mod:`upstream_compressed.bundled` states the rule).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -108,14 +110,46 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
 
 
 def load_recipe(path: str | os.PathLike, base: str | None = None) -> Recipe:
-    """Read and validate a recipe file; ``base`` (a path or known name) replaces the recipe's own base."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+    """Read, validate and resolve a recipe file (a path or a bundled name such as ``tiny/kd``).
+
+    ``base`` (a path from the current folder or a known name) replaces the recipe's own base. The
+    paths inside (``base``, ``mean_std``, every ``audio``) come back absolute, by the rule of
+    :mod:`upstream_compressed.bundled`: relative to the recipe's folder, after ``~`` and ``${VAR}``.
+    """
+    from .bundled import bundled_recipe, find_file
+
+    path = find_file(path, bundled_recipe, RecipeError)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path} is not valid YAML: {error}") from error
     if base is not None and isinstance(data, dict):
         data = {**data, "base": base}
-    return parse_recipe(data, path)
+    recipe = parse_recipe(data, path)
+    return _resolve_paths(recipe, path.parent, base_folder=Path.cwd() if base is not None else path.parent)
+
+
+def _resolve_paths(recipe: Recipe, folder: Path, base_folder: Path) -> Recipe:
+    """The recipe with its paths absolute; a missing one is refused naming the file and the field."""
+    from .bases import KNOWN_BASES
+    from .bundled import file_or_name, resolve_path
+    from .embedded import BUNDLED
+
+    where = f"recipe {recipe.source}"
+    base = file_or_name(recipe.base, base_folder, f"{where}: base", RecipeError, {*KNOWN_BASES, *BUNDLED})
+    mean_std = recipe.mean_std and str(resolve_path(recipe.mean_std, folder, f"{where}: mean_std", RecipeError,
+                                                    must_be="file"))
+
+    def audio(options: dict[str, Any], here: str) -> dict[str, Any]:
+        if "audio" not in options:
+            return options
+        return {**options, "audio": str(resolve_path(options["audio"], folder, f"{here}.audio", RecipeError,
+                                                     must_be="folder"))}
+
+    steps = []
+    for i, step in enumerate(recipe.steps):
+        step = audio(step, f"{where}: steps[{i}]")
+        if isinstance(step.get("recovery"), dict):
+            step = {**step, "recovery": audio(step["recovery"], f"{where}: steps[{i}].recovery")}
+        steps.append(step)
+    return replace(recipe, base=base, steps=steps, mean_std=mean_std)
