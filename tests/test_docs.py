@@ -2,7 +2,8 @@
 
 Every ``upstream-compressed SUBCOMMAND`` written in README.md and docs/*.md (fenced code blocks and
 inline code) names a real subcommand, and every ``-x``/``--flag`` after it is one that subcommand's
-parser accepts; the same for ``./run_downstream.sh`` against its ``--help``. Every relative link and
+parser accepts (also a long flag listed alone in prose after such a command); the same for
+``./run_downstream.sh`` against its ``--help``. Every relative link and
 image points at an existing file (and heading, for ``#anchor`` links). The README stays a front door.
 """
 
@@ -62,12 +63,15 @@ class Snippet:
 
 
 def snippets(path: Path) -> list[Snippet]:
-    """Every shell line of the fenced blocks (continuations joined) and every inline code span, in order.
+    """The snippets of one page of the manual."""
+    return snippets_of(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
+
+
+def snippets_of(text: str, name: str) -> list[Snippet]:
+    """Every shell line of the fenced blocks (continuations joined), then every inline code span in order.
 
     Inline code is read per paragraph with its line breaks joined, so a span wrapped over two lines counts.
     """
-    text = path.read_text(encoding="utf-8")
-    name = path.relative_to(REPO)
     found = []
     for block in FENCE.finditer(text):
         first_line = text.count("\n", 0, block.start()) + 1
@@ -122,11 +126,6 @@ def walk(arguments: list[str], root: Command) -> tuple[Command, list[str], list[
     return node, path, []
 
 
-def cli_problems(arguments: list[str], root: Command) -> list[str]:
-    """What is wrong with one written ``upstream-compressed ...`` call, checked against the parser."""
-    return walk(arguments, root)[2]
-
-
 def run_downstream_sh_flags() -> set[str]:
     """The options ``./run_downstream.sh --help`` lists."""
     help_text = subprocess.run(["bash", str(REPO / "run_downstream.sh"), "--help"], capture_output=True,
@@ -143,7 +142,7 @@ def script_problems(arguments: list[str], flags: set[str]) -> list[str]:
 OTHER_PROGRAMS = {"run_downstream.py", "python", "torchrun", "pytest", "pip", "bash"}
 
 
-def loose_flag_problems(path: Path, root: Command, script_flags: set[str]) -> list[str]:
+def loose_flag_problems(found: list[Snippet], root: Command, script_flags: set[str]) -> list[str]:
     """Flags written alone in inline code (`--jobs N`), checked against the command named before them.
 
     Prose lists options as ``upstream-compressed experiment --corpus DIR`` followed by `--tasks pr,sid`,
@@ -152,24 +151,21 @@ def loose_flag_problems(path: Path, root: Command, script_flags: set[str]) -> li
     flags are read this way: a short one alone in prose (`-u`, `-k`, `-m`) is S3PRL's runner's, nearly always.
     """
     problems: list[str] = []
-    context: Command | set[str] | None = None
+    flags: set[str] | None = None  # those of the command named last in this paragraph
     paragraph = None
-    for snippet in snippets(path):
-        if snippet.paragraph is None:
-            continue
+    for snippet in (s for s in found if s.paragraph is not None):
         if snippet.paragraph != paragraph:
-            context, paragraph = None, snippet.paragraph
+            flags, paragraph = None, snippet.paragraph
         tokens = words(snippet.text)
         if tokens and tokens[0].lstrip("[(").startswith("--"):
-            flags = context.flags if isinstance(context, Command) else context
-            unknown = [f for f in map(flag_of, tokens) if f is not None and flags is not None and f not in flags]
+            unknown = [] if flags is None else [f for f in map(flag_of, tokens) if f is not None and f not in flags]
             problems += [f"{snippet.where}: `{snippet.text}` follows a command that has no {f}" for f in unknown]
         elif any(token in OTHER_PROGRAMS for token in tokens):
-            context = None
+            flags = None
         elif calls := invocations(snippet, CLI_NAMES):
-            context = walk(calls[-1], root)[0]
+            flags = walk(calls[-1], root)[0].flags
         elif invocations(snippet, SHELL_JOB):
-            context = script_flags
+            flags = script_flags
     return problems
 
 
@@ -218,7 +214,7 @@ def test_the_manual_has_pages_and_commands() -> None:
 def test_every_cli_subcommand_and_flag_written_exists() -> None:
     root = command_tree(build_parser())
     problems = [f"{where}: {problem}" for where, call in written_calls(CLI_NAMES)
-                for problem in cli_problems(call, root)]
+                for problem in walk(call, root)[2]]
     assert not problems, "the manual names what the CLI does not have:\n" + "\n".join(problems)
 
 
@@ -232,7 +228,8 @@ def test_every_run_downstream_sh_flag_written_exists() -> None:
 
 def test_every_flag_listed_after_a_command_in_prose_exists() -> None:
     root, script_flags = command_tree(build_parser()), run_downstream_sh_flags()
-    problems = [problem for document in DOCUMENTS for problem in loose_flag_problems(document, root, script_flags)]
+    problems = [problem for document in DOCUMENTS
+                for problem in loose_flag_problems(snippets(document), root, script_flags)]
     assert not problems, "\n".join(problems)
 
 
@@ -253,7 +250,10 @@ def test_the_readme_is_a_front_door_to_every_page() -> None:
 def test_the_checker_catches_a_bogus_flag_a_bogus_subcommand_and_a_nested_one() -> None:
     """The parsing itself: written calls with mistakes are reported, correct ones are not."""
     root = command_tree(build_parser())
-    check = lambda line: [p for call in invocations(Snippet("x", line), CLI_NAMES) for p in cli_problems(call, root)]
+
+    def check(line: str) -> list[str]:
+        return [problem for call in invocations(Snippet("x", line), CLI_NAMES) for problem in walk(call, root)[2]]
+
     assert check("upstream-compressed compress r.yaml -o d.safetensors --keep-work") == []
     assert check("upstream-compressed profile -u NAME [-k CKPT] [--device cpu|cuda]  # --bogus in a comment") == []
     assert check("python -m upstream_compressed.cli analyse heads --audio DIR --diagonal-band=3") == []
@@ -262,3 +262,13 @@ def test_the_checker_catches_a_bogus_flag_a_bogus_subcommand_and_a_nested_one() 
     assert check("upstream-compressed analyse head --audio DIR")
     assert check("upstream-compressed analyse heads --seconds 3")  # a flag of another subcommand
     assert check("cd x && upstream-compressed inspect d.safetensors --jsn")
+
+
+def test_the_checker_reads_flags_listed_in_prose_and_wrapped_inline_code() -> None:
+    root = command_tree(build_parser())
+    page = ("Use `upstream-compressed\nexperiment --corpus DIR` with `--jobs N` or `--jobz N`.\n\n"
+            "A new paragraph: `--jobz` alone, and `run_downstream.py -m train` then `--anything`.\n")
+    found = snippets_of(page, "page.md")
+    assert ["experiment", "--corpus", "DIR"] in [call for s in found for call in invocations(s, CLI_NAMES)]
+    problems = loose_flag_problems(found, root, script_flags=set())
+    assert len(problems) == 1 and "--jobz" in problems[0] and problems[0].startswith("page.md:1")
