@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upstream_compressed.audio import list_audio, load_audio
+from upstream_compressed.audio import load_audio, sample_audio
 from upstream_compressed.cli import main as cli_main
 from upstream_compressed.compress import run_recipe
 from upstream_compressed.compress.diagonality import attention_probabilities, band_mass, diagonality_scores
@@ -99,7 +99,7 @@ def test_constructed_heads_have_the_expected_diagonality(shaped_ckpt, audio_dir)
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
     scores = diagonality_scores(model, str(audio_dir), band=1, max_utterances=4, batch_size=1)
     # A uniform head over n frames keeps (3n - 2) / n^2 within ±1 frame; averaged over the utterances.
-    frames = [run_model(model, [load_audio(f)])[0][0].shape[1] for f in list_audio(audio_dir)[:4]]
+    frames = [run_model(model, [load_audio(f)])[0][0].shape[1] for f in sample_audio(audio_dir, 4, seed=0)]
     uniform = sum((3 * n - 2) / n**2 for n in frames) / len(frames)
     assert float(scores[UNIFORM[0]][UNIFORM[1]]) == pytest.approx(uniform, rel=1e-5)
     for layer in range(2):

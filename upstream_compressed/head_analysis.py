@@ -43,7 +43,7 @@ def analyse_heads(model, audio: str, band: int, max_utterances: int = 32, max_se
 
     l1 = l1_head_scores(model)
     data = data_driven_scores(model, "heads", audio, max_utterances, max_seconds, batch_size, projections, seed)
-    diagonal = diagonality_scores(model, audio, band, max_utterances, max_seconds, batch_size)
+    diagonal = diagonality_scores(model, audio, band, max_utterances, max_seconds, batch_size, seed)
     order_l1 = {head: rank for rank, head in enumerate(global_order(l1, normalize=False))}
     order_data = {head: rank for rank, head in enumerate(global_order(data, normalize=True))}
     return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -27,6 +28,18 @@ def list_audio(source: str | os.PathLike) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"no .wav or .flac files below {source}")
     return files
+
+
+def sample_audio(source: str | os.PathLike, count: int, seed: int = 0) -> list[Path]:
+    """``count`` files drawn at random (by ``seed``) from the whole corpus, in corpus order.
+
+    Data-driven scores are averages over utterances; the first files of a sorted LibriSpeech are
+    one speaker's first chapter, so a sample must come from everywhere.
+    """
+    files = list_audio(source)
+    if count >= len(files):
+        return files
+    return [files[i] for i in sorted(random.Random(seed).sample(range(len(files)), count))]
 
 
 def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from ..audio import list_audio, load_audio
+from ..audio import load_audio, sample_audio
 from ..model import SpeechTransformer
 from ..model.layers import SelfAttention
 
@@ -58,10 +58,11 @@ def diagonality_scores(
     max_utterances: int = 32,
     max_seconds: float = 8.0,
     batch_size: int = 4,
+    seed: int = 0,
     **_: Any,
 ) -> list[Tensor]:
     """Per layer, each head's diagonality averaged over the utterances of ``audio_dir``."""
-    files = list_audio(audio_dir)[:max_utterances]
+    files = sample_audio(audio_dir, max_utterances, seed)
     device = next(model.parameters()).device
     totals = [torch.zeros(layer.attention.num_heads, dtype=torch.float64) for layer in model.layers]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..audio import list_audio, load_audio
+from ..audio import load_audio, sample_audio
 from ..model import SpeechTransformer
 
 
@@ -49,7 +49,7 @@ def data_driven_scores(
     seed: int = 0,
 ) -> list[Tensor]:
     """Per layer, one importance score per head (``kind="heads"``) or FFN unit (``kind="units"``)."""
-    files = list_audio(audio_dir)[:max_utterances]
+    files = sample_audio(audio_dir, max_utterances, seed)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -82,4 +82,4 @@ def data_driven_scores(
         for p in model.parameters():
             p.requires_grad_(True)
         model.train(was_training)
-    return [(square / max(count, 1)).sqrt().cpu() for square in squares]
+    return [torch.rand(square.shape) for square in squares]  # MUTANT

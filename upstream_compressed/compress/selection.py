@@ -67,7 +67,7 @@ def score(model: SpeechTransformer, step: dict[str, Any], kind: str, l1: Callabl
     if criterion in ("diagonal_first", "diagonal_last"):  # heads only; the lowest score goes first
         diagonality = diagonality_scores(
             model, step["audio"], step.get("diagonal_band", DEFAULT_BAND), step.get("max_utterances", 32),
-            step.get("max_seconds", 8.0), step.get("batch_size", 4),
+            step.get("max_seconds", 8.0), step.get("batch_size", 4), step.get("seed", 0),
         )
         return [-d if criterion == "diagonal_first" else d for d in diagonality]
     return data_driven_scores(
