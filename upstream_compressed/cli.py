@@ -175,7 +175,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .delta import check_base, export_self_contained, read_delta, write_delta
-    from .hubconf import find_base
+    from .hubconf import find_base, trust_option
     from .model.convert import load_base
 
     delta = read_delta(args.delta)
@@ -183,7 +183,7 @@ def _export(args: argparse.Namespace) -> int:
         raise DeltaError(f"{args.delta} is already self-contained; copy it instead")
     base_path = find_base(delta, Path(args.delta), args.upstream_config, refresh=False)
     check_base(delta, base_path)  # the base's sha256 must match the one the delta records
-    full = export_self_contained(delta, load_base(base_path))
+    full = export_self_contained(delta, load_base(base_path, trust=trust_option(args.upstream_config)))
     path = write_delta(full, args.output)
     print(f"wrote {path}: self-contained {delta.technique} model, {len(full.tensors)} tensors, "
           f"{path.stat().st_size / 2**20:.1f} MiB; load it with -u compressed_local -k {path}")
@@ -251,6 +251,13 @@ def _submission(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint`` for every command that loads a base checkpoint (see ``model/trust.py``)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a base checkpoint that pickles more than S3PRL's formats need (full "
+                        "unpickling can run code from the file: only for files you trust)")
+
+
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -268,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     compress.set_defaults(run=_compress)
 
+    _add_trust_option(compress)
     inspect = commands.add_parser("inspect", help="print a delta's manifest: base, steps, structure, params")
     inspect.add_argument("delta", help="a .safetensors delta")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -296,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     experiment.set_defaults(run=_experiment)
 
+    _add_trust_option(experiment)
     from .embedded.commands import add_commands
 
     add_commands(commands)  # make-corpus, pretrain
@@ -317,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--mean-std", help="a MelHuBERT base's fbank statistics .npy (default: found beside it)")
     heads.set_defaults(run=_analyse_heads)
     report = commands.add_parser("report", help="trade-off table (markdown, CSV) and plots of an experiment folder")
+    _add_trust_option(heads)
     report.add_argument("expdir", help="experiment folder with models/<model>/{model,profile}.json and "
                         "downstream/<task>_<model>/result.json (its merged rows go to EXPDIR/report.json)")
     report.add_argument("-o", "--output", help="folder for report.md, report.csv and the PNG plots (default: EXPDIR)")
@@ -327,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-g", "--upstream-config", help="options yaml with `base: PATH` (else the usual base search)")
     export.set_defaults(run=_export)
 
+    _add_trust_option(export)
     profile = commands.add_parser("profile", help="params, MACs, time, real-time factor and memory of an upstream")
     profile.add_argument("-u", "--upstream", required=True,
                          help="any upstream in s3prl.hub (ours, hubert_local, fbank, ...)")
@@ -340,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print one JSON object")
     profile.set_defaults(run=_profile)
 
+    _add_trust_option(profile)
     manifest = commands.add_parser("manifest", help="list a corpus's audio files and lengths (fairseq's .tsv)",
                                    description=MANIFEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     manifest.add_argument("directory", help="folder searched recursively for .wav/.flac files")
@@ -365,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .model.convert import CheckpointError
     from .recipe import RecipeError
     from .report import ReportError
+    from .model.trust import trusting
     from .superb.submission import SubmissionError
     from .upstream_profile import ProfileError
 
@@ -373,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.diagonal_band < 0 or min(args.max_utterances, args.batch_size, args.projections) <= 0:
             build_parser().error("--diagonal-band must be >= 0; --max-utterances, --batch-size, --projections > 0")
     try:
-        return args.run(args)
+        # Commands that start others (experiment) hand the opt-in on through the environment.
+        with trusting(getattr(args, "trust_checkpoint", False), inherit=True):
+            return args.run(args)
     except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError, ProfileError,
             SubmissionError, ManifestError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)

@@ -13,6 +13,10 @@ variable, else ``auto`` (sparse where it is faster on the device).
 A MelHuBERT base also needs its fbank statistics file: the ``-g`` yaml's ``mean_std: PATH``, else
 ``UPSTREAM_COMPRESSED_MEAN_STD``, else the recorded path, else a file of the recorded name beside
 the base or the delta. ``melhubert_local`` runs a MelHuBERT checkpoint itself (``-k``), uncompressed.
+
+Base checkpoints are read weights-only (:mod:`upstream_compressed.model.trust`); one that pickles
+more is refused unless the ``-g`` yaml says ``trust_checkpoint: true`` (or
+``UPSTREAM_COMPRESSED_TRUST_CHECKPOINT=1`` is set).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .bases import KNOWN_BASES, download_known_base
 from .delta import Delta, DeltaError, build_compressed, read_delta
 from .expert import UpstreamExpert
 from .model.sparse import resolve_execution
+from .model.trust import TRUST_OPTION, trusting
 
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
@@ -61,6 +66,16 @@ def _options(model_config: str | None) -> dict:
     if not isinstance(data, dict):
         raise DeltaError(f"upstream options file (-g) {path} must be a YAML mapping, e.g. `base: /path/to/base.pt`")
     return data
+
+
+def trust_option(model_config: str | None) -> bool:
+    """The ``-g`` yaml's ``trust_checkpoint`` (true or false; absent means false)."""
+    value = _options(model_config).get(TRUST_OPTION, False)
+    if not isinstance(value, bool):
+        raise DeltaError(
+            f"upstream options file (-g) {model_config}: {TRUST_OPTION} must be true or false, not {value!r}"
+        )
+    return value
 
 
 def find_base(delta: Delta, delta_path: Path, model_config: str | None, refresh: bool) -> Path:
@@ -100,6 +115,7 @@ def load_upstream(
             f"{delta_path} was made by technique {delta.technique!r}, but the upstream name says "
             f"{technique!r}; use -u {delta.base_family}_{delta.technique} or compressed_local"
         )
+    trusted = trust_option(model_config)
     # A self-contained file (`upstream-compressed export`) carries every tensor: no base to find.
     base_path = None if delta.self_contained else find_base(delta, delta_path, model_config, refresh)
     execution = _options(model_config).get("sparse_execution")
@@ -108,7 +124,8 @@ def load_upstream(
     except ValueError as error:
         raise DeltaError(str(error)) from error
     mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
-    model = build_compressed(delta, base_path, mean_std, search=[delta_path.parent])
+    with trusting(trusted):
+        model = build_compressed(delta, base_path, mean_std, search=[delta_path.parent])
     model.set_sparse_execution(execution)
     return UpstreamExpert(model.eval(), delta.manifest)
 
@@ -127,7 +144,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
         raise DeltaError("no checkpoint given: pass a MelHuBERT checkpoint (.ckpt) as -k")
     mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
     try:
-        base = load_base(ckpt, mean_std=mean_std)
+        base = load_base(ckpt, mean_std=mean_std, trust=trust_option(model_config))
     except CheckpointError as error:
         raise DeltaError(str(error)) from error
     if base.source_format != "melhubert":

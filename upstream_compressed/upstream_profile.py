@@ -57,7 +57,23 @@ def load_upstream(name: str, ckpt: str | None = None, model_config: str | None =
         raise ProfileError(f"checkpoint (-k) {ckpt} does not exist")
     if model_config and not Path(model_config).exists():
         raise ProfileError(f"upstream options file (-g) {model_config} does not exist")
-    return getattr(hub, name)(ckpt=ckpt, model_config=model_config, refresh=False)
+    return _build_checked(getattr(hub, name), name, ckpt, model_config)
+
+
+def _build_checked(entry: Callable[..., nn.Module], name: str, ckpt: str | None,
+                   model_config: str | None) -> nn.Module:
+    """Build an upstream; S3PRL's own entries get their -k checked as our bases are (``model/trust.py``).
+
+    Their -g files are S3PRL's, so only ``--trust-checkpoint`` or the environment opts in for them.
+    """
+    from .hubconf import entries
+    from .model.convert import check_checkpoint_file
+    from .model.trust import full_unpickling_by_s3prl
+
+    if name in entries() or not ckpt or not Path(ckpt).is_file():  # ours check their bases themselves
+        return entry(ckpt=ckpt, model_config=model_config, refresh=False)
+    with full_unpickling_by_s3prl(check_checkpoint_file(ckpt)):
+        return entry(ckpt=ckpt, model_config=model_config, refresh=False)
 
 
 def resolve_device(device: str) -> torch.device:

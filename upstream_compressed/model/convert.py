@@ -7,14 +7,16 @@ and MelHuBERT's own (``{"model", "Upstream_Config": {"melhubert": ...}}`` plus a
 :mod:`.convert_melhubert`).
 Tensors that only pre-training uses (HuBERT's ``final_proj``, ``label_embs_concat``, ``mask_emb``)
 are kept aside as ``extras`` so converting back gives a checkpoint S3PRL loads.
+Files are read weights-only, with the allow-list and opt-in of :mod:`.trust`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import logging
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,8 +26,14 @@ from torch import Tensor
 
 from .config import DISTILLER, HUBERT, MELHUBERT, LayerConfig, ModelConfig
 from .convert_melhubert import MELHUBERT_FORMAT, find_mean_std, from_melhubert, is_melhubert, to_melhubert
-
-logger = logging.getLogger(__name__)
+from .trust import (
+    TrustedCheckpointWarning,
+    allowed_globals,
+    is_trusted,
+    refusal_message,
+    refused_global,
+    trusted_warning,
+)
 
 HUBERT_FORMAT = "s3prl_hubert"
 DISTILLER_FORMAT = "s3prl_distiller"
@@ -33,6 +41,14 @@ DISTILLER_FORMAT = "s3prl_distiller"
 
 class CheckpointError(ValueError):
     """A base checkpoint that is missing, unreadable or in a format we do not know."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A base checkpoint that pickles more than :mod:`.trust` allows, loaded without an opt-in."""
+
+    def __init__(self, path: str | os.PathLike, found: str) -> None:
+        super().__init__(refusal_message(path, found))
+        self.path, self.found = Path(path), found
 
 
 @dataclass
@@ -46,22 +62,71 @@ class Converted:
 
 
 # --------------------------------------------------------------------------------------- reading
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` a base checkpoint without running arbitrary pickled code when possible."""
+def _weights_only_load(path: Path) -> tuple[Any, str | None]:
+    """``(checkpoint, None)``, or ``(None, what torch refused)`` when it pickles more than :mod:`.trust` allows."""
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True), None
+    except pickle.UnpicklingError as error:
+        found = refused_global(str(error))
+        if found is None:  # not an object it refused: a file that is no checkpoint
+            raise
+        return None, found
+
+
+def _reason(error: Exception) -> str:
+    """torch's error in one line (its weights-only messages wrap the reason in advice that does not apply)."""
+    text = str(error).strip()
+    match = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    return match.group(1).strip() if match else f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _require_trust(path: Path, found: str, trust: bool | None) -> None:
+    """Refuse ``path`` unless the user opted in; warn, naming it, when they did."""
+    if not is_trusted(trust):
+        raise UntrustedCheckpointError(path, found)
+    warnings.warn(trusted_warning(path, found), TrustedCheckpointWarning, stacklevel=3)
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust: bool | None = None) -> dict[str, Any]:
+    """``torch.load`` a base checkpoint weights-only, with :mod:`.trust`'s allow-list.
+
+    A file that needs more is refused (:class:`UntrustedCheckpointError`) before anything else is
+    done, unless ``trust`` or an opt-in (:func:`.trust.is_trusted`) says to unpickle it fully.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"base checkpoint {path} does not exist (or is not a file)")
+    is_trusted(trust)  # a malformed opt-in value is refused even for a plain file
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as weights_only_error:  # noqa: BLE001 - we fall back below, or explain
-        # Official distiller checkpoints pickle their optimizer/scheduler objects. The user named this
-        # file explicitly as a trusted base (S3PRL itself loads it this way), so unpickle it fully.
-        logger.warning("%s is not a plain weights file (%s); loading it with full unpickling", path, weights_only_error)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:
-            raise CheckpointError(f"cannot read base checkpoint {path}: {error}") from error
+        ckpt, found = _weights_only_load(path)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is no checkpoint
+        raise CheckpointError(f"cannot read base checkpoint {path} (is it a PyTorch checkpoint?): "
+                              f"{_reason(error)}") from error
+    if found is None:
+        return ckpt
+    _require_trust(path, found, trust)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - as above
+        raise CheckpointError(f"cannot read base checkpoint {path}: {error}") from error
+
+
+def check_checkpoint_file(path: str | os.PathLike, trust: bool | None = None) -> bool:
+    """For a file that S3PRL's own loader will read: refuse it as :func:`load_checkpoint_file` would.
+
+    True when it is trusted and needs full unpickling (run that loader in
+    :func:`.trust.full_unpickling_by_s3prl`). A file torch cannot read at all is left to that loader.
+    """
+    is_trusted(trust)
+    try:
+        _, found = _weights_only_load(Path(path))
+    except Exception:  # noqa: BLE001 - not a torch checkpoint: the loader reports its own error
+        return False
+    if found is None:
+        return False
+    _require_trust(Path(path), found, trust)
+    return True
 
 
 def detect_format(ckpt: dict[str, Any]) -> str:
@@ -79,13 +144,15 @@ def detect_format(ckpt: dict[str, Any]) -> str:
     )
 
 
-def load_base(path: str | os.PathLike, mean_std: str | os.PathLike | None = None) -> Converted:
+def load_base(path: str | os.PathLike, mean_std: str | os.PathLike | None = None,
+              trust: bool | None = None) -> Converted:
     """Read an S3PRL HuBERT or distiller checkpoint, or a MelHuBERT one, into our config and state dict.
 
     ``mean_std``: a MelHuBERT checkpoint's fbank statistics file; by default the one beside the
     checkpoint (``<stem>.mean-std.npy``, ``<stem>-mean-std.npy`` or ``mean-std.npy``).
+    ``trust``: unpickle it fully if it needs more than :mod:`.trust` allows (else the user's opt-in decides).
     """
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, trust)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a checkpoint dictionary")
     fmt = detect_format(ckpt)
