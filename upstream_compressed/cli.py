@@ -250,7 +250,6 @@ def _submission(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
 def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     """``--trust-checkpoint`` for every command that loads a base checkpoint (see ``model/trust.py``)."""
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -258,6 +257,7 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
                         "unpickling can run code from the file: only for files you trust)")
 
 
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -273,9 +273,9 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     compress.add_argument("--work-dir", help="where recovery training keeps checkpoints so a killed run resumes "
                           "(default: OUTPUT.work; removed after success)")
     compress.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
+    _add_trust_option(compress)
     compress.set_defaults(run=_compress)
 
-    _add_trust_option(compress)
     inspect = commands.add_parser("inspect", help="print a delta's manifest: base, steps, structure, params")
     inspect.add_argument("delta", help="a .safetensors delta")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -302,9 +302,9 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     experiment.add_argument("--profile-repeats", type=int, default=5, help="timed forwards per profile (default 5)")
     experiment.add_argument("--no-downstream", action="store_true", help="only make (and profile) the models")
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_trust_option(experiment)
     experiment.set_defaults(run=_experiment)
 
-    _add_trust_option(experiment)
     from .embedded.commands import add_commands
 
     add_commands(commands)  # make-corpus, pretrain
@@ -324,9 +324,9 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     heads.add_argument("--projections", type=int, default=4, help="random projections of the data-driven score")
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--mean-std", help="a MelHuBERT base's fbank statistics .npy (default: found beside it)")
+    _add_trust_option(heads)
     heads.set_defaults(run=_analyse_heads)
     report = commands.add_parser("report", help="trade-off table (markdown, CSV) and plots of an experiment folder")
-    _add_trust_option(heads)
     report.add_argument("expdir", help="experiment folder with models/<model>/{model,profile}.json and "
                         "downstream/<task>_<model>/result.json (its merged rows go to EXPDIR/report.json)")
     report.add_argument("-o", "--output", help="folder for report.md, report.csv and the PNG plots (default: EXPDIR)")
@@ -335,9 +335,9 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     export.add_argument("delta", help="a .safetensors delta")
     export.add_argument("-o", "--output", required=True, help="file to write; loads with -u compressed_local -k FILE")
     export.add_argument("-g", "--upstream-config", help="options yaml with `base: PATH` (else the usual base search)")
+    _add_trust_option(export)
     export.set_defaults(run=_export)
 
-    _add_trust_option(export)
     profile = commands.add_parser("profile", help="params, MACs, time, real-time factor and memory of an upstream")
     profile.add_argument("-u", "--upstream", required=True,
                          help="any upstream in s3prl.hub (ours, hubert_local, fbank, ...)")
@@ -349,9 +349,9 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--protocol", choices=["superb"],
                          help="superb: the leaderboard's MAC protocol, printed as its form's fields")
     profile.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_trust_option(profile)
     profile.set_defaults(run=_profile)
 
-    _add_trust_option(profile)
     manifest = commands.add_parser("manifest", help="list a corpus's audio files and lengths (fairseq's .tsv)",
                                    description=MANIFEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     manifest.add_argument("directory", help="folder searched recursively for .wav/.flac files")
@@ -375,9 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .audio.manifest import ManifestError
     from .experiments import PlanError
     from .model.convert import CheckpointError
+    from .model.trust import trusting
     from .recipe import RecipeError
     from .report import ReportError
-    from .model.trust import trusting
     from .superb.submission import SubmissionError
     from .upstream_profile import ProfileError
 
