@@ -49,3 +49,18 @@ def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds
                 synchronize(wav[0].device)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def machine() -> dict[str, object]:
+    """The CPU model, its vector flags that decide our kernels' speed, cores, and torch's thread count."""
+    import os
+    import platform
+    from pathlib import Path
+
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
+            "torch_threads": torch.get_num_threads()}

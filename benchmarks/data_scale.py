@@ -1,0 +1,190 @@
+"""How training data scales: start-up time per 1,000 files, memory per hour of audio, batches per second.
+
+Synthesises corpora of growing size (1 s files: 1k, 4k, 16k; 60 s files: 1 h and 4 h), then measures
+side by side in one run:
+- start-up: seconds per 1,000 files to list a corpus (headers only; cold, then from the cached manifest);
+- memory: peak resident memory of the whole process tree of a real recovery run
+  (`upstream-compressed compress`, head pruning + recovery on the bundled tiny HuBERT) on 1 h and on
+  4 h of audio; the slope is MiB per hour of audio (goal <= 1: memory follows the batch, not the corpus);
+- throughput: batches per second of the training loader with 0 workers and with the default workers.
+The last line is one JSON object.
+
+  python benchmarks/data_scale.py [--quick] [--workdir /tmp/data_scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+RATE = 16000
+
+
+def synthesise(root: Path, files: int, seconds: float, speakers: int = 40) -> Path:
+    """``files`` FLAC files of ``seconds`` each in LibriSpeech's speaker/chapter/file layout (kept between runs)."""
+    done = root / ".complete"
+    if done.is_file():
+        return root
+    rng = np.random.default_rng(files)
+    samples = int(seconds * RATE)
+    t = np.arange(samples) / RATE
+    for i in range(files):
+        speaker = 1000 + i % speakers
+        folder = root / str(speaker) / "1"
+        folder.mkdir(parents=True, exist_ok=True)
+        tone = 0.1 * np.sin(2 * np.pi * (100 + 5 * (i % 50)) * t) + 0.02 * rng.standard_normal(samples)
+        soundfile.write(str(folder / f"{speaker}-1-{i:06d}.flac"), tone.astype(np.float32), RATE, subtype="PCM_16")
+    done.touch()
+    return root
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (DataLoader workers included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            for line in (Path("/proc") / str(current) / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def peak_tree_rss(command: list[str], env: dict[str, str]) -> tuple[int, float]:
+    """(peak resident bytes of the process tree, seconds) of running ``command``."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while process.poll() is None:
+            peak = max(peak, tree_rss_bytes(process.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, err = process.communicate()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
+    return peak, time.perf_counter() - start
+
+
+def recovery_peak(corpus: Path, work: Path, steps: int) -> tuple[float, float]:
+    """(peak MiB, seconds) of head pruning + ``steps`` recovery steps on ``corpus`` with the tiny HuBERT."""
+    recipe = work / f"recovery_{corpus.name}.yaml"
+    recipe.write_text(yaml.safe_dump({"base": "tiny_hubert", "steps": [{
+        "method": "head_pruning", "ratio": 0.25, "criterion": "l1",
+        "recovery": {"audio": str(corpus), "steps": steps, "batch_size": 4, "max_seconds": 4.0,
+                     "checkpoint_every": 10_000},
+    }]}))
+    env = {**os.environ, "UPSTREAM_COMPRESSED_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "upstream_compressed.cli", "compress", str(recipe), "-o",
+               str(work / f"{corpus.name}.safetensors")]
+    peak, seconds = peak_tree_rss(command, env)
+    return peak / 2**20, seconds
+
+
+def startup(corpus: Path, cache: Path) -> tuple[float, float]:
+    """(cold, warm) seconds to turn ``corpus`` into a manifest: scanning headers, then from the cache."""
+    os.environ["UPSTREAM_COMPRESSED_CACHE"] = str(cache)
+    from upstream_compressed.audio.manifest import load_corpus
+
+    start = time.perf_counter()
+    load_corpus(corpus, progress=False)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    load_corpus(corpus, progress=False)
+    return cold, time.perf_counter() - start
+
+
+def loader_throughput(corpus: Path, cache: Path, workers: int, batches: int) -> float:
+    """Batches per second of the training loader (batch 8, 4 s crops) over ``batches`` steps."""
+    os.environ["UPSTREAM_COMPRESSED_CACHE"] = str(cache)
+    from upstream_compressed.audio.manifest import load_corpus
+    from upstream_compressed.train.stream import BatchPlan, BatchRule, batch_loader
+
+    manifest = load_corpus(corpus, progress=False)
+    plan = BatchPlan(manifest.num_samples, BatchRule(batch_size=8, max_seconds=4.0), seed=0)
+    loader = batch_loader(manifest, plan, 0, batches + 2, num_workers=workers)
+    iterator = iter(loader)
+    next(iterator), next(iterator)  # workers started and warm
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/data_scale", help="corpora are synthesised (and kept) here")
+    parser.add_argument("--quick", action="store_true", help="smaller corpora (1k/2k/4k files; 0.5 h and 1 h)")
+    parser.add_argument("--recovery-steps", type=int, default=10)
+    args = parser.parse_args()
+    from upstream_compressed.train.stream import default_workers
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(machine()))
+    counts = (1000, 2000, 4000) if args.quick else (1000, 4000, 16000)
+    hours = (0.5, 1.0) if args.quick else (1.0, 4.0)
+
+    rows = []
+    for count in counts:
+        corpus = synthesise(work / f"short_{count}", count, 1.0)
+        cold, warm = startup(corpus, work / f"cache_{count}")
+        rows.append({"files": count, "cold_s_per_1k": cold / count * 1000, "cached_s_per_1k": warm / count * 1000})
+        print(f"start-up  {count:>6} files: {rows[-1]['cold_s_per_1k']:.3f} s per 1k files cold, "
+              f"{rows[-1]['cached_s_per_1k']:.3f} s cached", flush=True)
+
+    peaks = []
+    for h in hours:
+        corpus = synthesise(work / f"long_{h:g}h", int(round(h * 60)), 60.0)
+        mib, seconds = recovery_peak(corpus, work, args.recovery_steps)
+        peaks.append(mib)
+        print(f"recovery  {h:>4g} h of 60 s files: peak {mib:.0f} MiB (process tree), {seconds:.1f} s", flush=True)
+    slope = (peaks[1] - peaks[0]) / (hours[1] - hours[0])
+    print(f"memory per hour of audio: {slope:.1f} MiB (goal <= 1)")
+
+    biggest = work / f"short_{counts[-1]}"
+    workers = max(1, default_workers())
+    rates = {w: loader_throughput(biggest, work / f"cache_{counts[-1]}", w, 60) for w in (0, workers)}
+    print(f"loader    {rates[0]:.1f} batches/s with 0 workers, {rates[workers]:.1f} with {workers} "
+          f"(batch 8 x 1 s files)")
+    print(json.dumps({
+        "rss_mib_per_audio_hour": round(slope, 2),
+        "startup_s_per_1k_files": round(rows[-1]["cold_s_per_1k"], 4),
+        "startup_cached_s_per_1k_files": round(rows[-1]["cached_s_per_1k"], 4),
+        "batches_per_s": {"0": round(rates[0], 2), str(workers): round(rates[workers], 2)},
+        "recovery_peak_mib": dict(zip([f"{h:g}h" for h in hours], [round(p, 1) for p in peaks])),
+        **machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
