@@ -51,12 +51,14 @@ def test_base_option_replaces_the_recipes_base(tmp_path, hubert_ckpt, capsys, mo
     assert json.loads(capsys.readouterr().out)["base"]["path"] == str(hubert_ckpt.resolve())
 
 
-def test_a_missing_relative_audio_folder_names_the_current_directory(tmp_path, hubert_ckpt, capsys, monkeypatch):
+def test_a_missing_relative_audio_folder_names_the_recipes_folder(tmp_path, hubert_ckpt, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
     step = {"method": "row_pruning", "ratio": 0.5, "recovery": {"audio": "data/no_such_corpus", "steps": 1}}
-    recipe = write_recipe(tmp_path, {"base": str(hubert_ckpt), "steps": [step]})
+    recipe = write_recipe(tmp_path / "recipes", {"base": str(hubert_ckpt), "steps": [step]})
     assert main(["compress", recipe, "-o", str(tmp_path / "d.safetensors")]) == 2
-    assert f"relative paths are taken from the current directory, {tmp_path}" in capsys.readouterr().err
+    assert (f"steps[0].recovery.audio: folder {tmp_path}/recipes/data/no_such_corpus does not exist "
+            f"(a relative path is relative to {tmp_path}/recipes, the folder of the file)") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

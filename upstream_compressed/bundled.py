@@ -128,4 +128,5 @@ def file_or_name(value: object, folder: Path, where: str, error: type[Exception]
         return str(path)
     if value in names:
         return str(value)
-    raise error(f"{where}: {value!r} is neither a file ({path}) nor a known name ({', '.join(sorted(names))})")
+    raise error(f"{where}: {value!r} is neither an existing file nor a known name ({', '.join(sorted(names))}); "
+                f"looked for {path}")
