@@ -64,32 +64,59 @@ def test_named_entry_refuses_a_delta_of_another_technique_or_family(tmp_path, s3
         s3prl_hub.hubert_headpruned(ckpt=str(delta))
     with pytest.raises(DeltaError, match="compresses a hubert base"):
         s3prl_hub.distilhubert_identity(ckpt=str(delta))
-    assert s3prl_hub.compressed_local(ckpt=str(delta)) is not None
+    assert s3prl_hub.compressed_local(ckpt=str(delta)).manifest["technique"] == "identity"
 
 
-def test_base_is_found_from_options_env_or_beside_the_delta(tmp_path, s3prl_hub, hubert_ckpt, monkeypatch):
-    delta = identity_delta(tmp_path, hubert_ckpt)
-    moved = tmp_path / "elsewhere" / "base.pt"
+def assert_runs_the_base(upstream, base_path, reference, padded_batch) -> None:
+    """The upstream holds ``base_path``'s weights and computes what S3PRL's own loader computes from it."""
+    from upstream_compressed.model.convert import load_base
+
+    expected = load_base(base_path).state_dict
+    weights = upstream.model.state_dict()
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    with torch.no_grad():
+        ours = upstream(padded_batch)
+        theirs = reference([w.clone() for w in padded_batch])["hidden_states"]
+    for a, b in zip(ours["hidden_states"], theirs):
+        assert max_valid_difference(a, b, ~ours["pad_mask"]) < 1e-5
+
+
+def test_base_is_found_from_options_then_env_when_the_recorded_one_is_gone(tmp_path, s3prl_hub, padded_batch,
+                                                                            monkeypatch):
+    """The recorded base is moved away first, so only ``-g base:`` (or the variable) can make loading work."""
+    from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
+
+    recorded = make_hubert_checkpoint(tmp_path / "work" / "base.pt", seed=3)
+    delta = identity_delta(tmp_path, recorded)
+    moved = tmp_path / "elsewhere" / "renamed.pt"
     moved.parent.mkdir()
-    hubert_ckpt_bytes = hubert_ckpt.read_bytes()
-    moved.write_bytes(hubert_ckpt_bytes)
-    # The recorded path still exists: it is used.
-    assert s3prl_hub.hubert_identity(ckpt=str(delta)) is not None
-    # -g options yaml names another copy.
+    recorded.rename(moved)
+    assert not (delta.parent / "base.pt").exists()  # nor a copy beside the delta
+    monkeypatch.delenv(BASE_ENV, raising=False)
+    with pytest.raises(DeltaError, match="cannot find the base"):
+        s3prl_hub.hubert_identity(ckpt=str(delta))
+    reference = s3prl_hub.hubert_local(ckpt=str(moved)).eval()
     options = tmp_path / "options.yaml"
     options.write_text(yaml.safe_dump({"base": str(moved)}))
-    assert s3prl_hub.hubert_identity(ckpt=str(delta), model_config=str(options)) is not None
-    # The environment variable, pointing at a wrong file, is refused by sha256.
+    assert_runs_the_base(s3prl_hub.hubert_identity(ckpt=str(delta), model_config=str(options)), moved, reference,
+                         padded_batch)
+    # The variable names it too; -g comes first (a wrong file in the variable is then not read).
+    monkeypatch.setenv(BASE_ENV, str(moved))
+    assert_runs_the_base(s3prl_hub.hubert_identity(ckpt=str(delta)), moved, reference, padded_batch)
     wrong = tmp_path / "wrong.pt"
-    wrong.write_bytes(hubert_ckpt_bytes + b"x")
+    wrong.write_bytes(moved.read_bytes() + b"x")
     monkeypatch.setenv(BASE_ENV, str(wrong))
-    with pytest.raises(DeltaError, match="sha256"):
+    assert_runs_the_base(s3prl_hub.hubert_identity(ckpt=str(delta), model_config=str(options)), moved, reference,
+                         padded_batch)
+    with pytest.raises(DeltaError, match="sha256"):  # a wrong file is refused, not loaded
         s3prl_hub.hubert_identity(ckpt=str(delta))
 
 
-def test_recorded_base_gone_falls_back_to_a_file_beside_the_delta(tmp_path, s3prl_hub):
+def test_recorded_base_gone_falls_back_to_a_file_beside_the_delta(tmp_path, s3prl_hub, padded_batch, monkeypatch):
     from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
 
+    monkeypatch.delenv(BASE_ENV, raising=False)
     base = make_hubert_checkpoint(tmp_path / "work" / "base.pt")
     delta = identity_delta(tmp_path, base)
     shipped = tmp_path / "shipped"
@@ -97,7 +124,9 @@ def test_recorded_base_gone_falls_back_to_a_file_beside_the_delta(tmp_path, s3pr
     (shipped / "base.pt").write_bytes(base.read_bytes())
     (shipped / "d.safetensors").write_bytes(delta.read_bytes())
     base.unlink()
-    assert s3prl_hub.hubert_identity(ckpt=str(shipped / "d.safetensors")) is not None
+    reference = s3prl_hub.hubert_local(ckpt=str(shipped / "base.pt")).eval()
+    assert_runs_the_base(s3prl_hub.hubert_identity(ckpt=str(shipped / "d.safetensors")), shipped / "base.pt",
+                         reference, padded_batch)
     (shipped / "base.pt").unlink()
     with pytest.raises(DeltaError, match="cannot find the base"):
         s3prl_hub.hubert_identity(ckpt=str(shipped / "d.safetensors"))
