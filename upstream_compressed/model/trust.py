@@ -68,7 +68,9 @@ def env_trust() -> bool:
         return True
     if value in _FALSE:
         return False
-    raise CheckpointError(f"{TRUST_ENV}={os.environ[TRUST_ENV]!r}: set it to 1 to trust base checkpoints, or 0 (or unset it)")
+    raise CheckpointError(
+        f"{TRUST_ENV}={os.environ[TRUST_ENV]!r}: set it to 1 to trust base checkpoints, or 0 (or unset it)"
+    )
 
 
 def is_trusted(explicit: bool | None = None) -> bool:
