@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -134,7 +135,12 @@ def test_a_users_plan_and_recipe_resolve_against_their_own_folders(project, monk
     plan = load_plan("../project/plan.yaml")
     assert plan.corpus == root / "mydata" and plan.base == str(root / "base.pt")
     assert plan.models[1].recipe == str(root / "recipes" / "mine.yaml")
-    assert main(["experiment", "../project/plan.yaml", "--expdir", "exp", "--no-downstream", "--quiet"]) == 0
+    umask = os.umask(0o022)
+    try:  # relative --expdir: the compressions, run as subprocesses, write where this call runs
+        assert main(["experiment", "../project/plan.yaml", "--expdir", "exp", "--no-downstream", "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((elsewhere / "exp" / "models" / "mine" / "model.json").stat().st_mode) == 0o644
     manifest = read_delta(elsewhere / "exp" / "models" / "mine" / "delta.safetensors").manifest
     step = manifest["recipe"]["steps"][0]
     assert step["audio"] == step["recovery"]["audio"] == str(root / "mydata" / "LibriSpeech" / "train-clean-100")
