@@ -130,12 +130,19 @@ def test_pruned_and_low_rank_structure_matches_the_formula(attention_dropout):
     assert utterance_macs(UpstreamExpert(model), lengths, compute=True) == expected  # skipping arithmetic: same
 
 
-def test_profile_cli_prints_the_form_fields(tmp_path, hubert_ckpt, capsys):
-    assert main(["profile", "-u", "hubert_local", "-k", str(hubert_ckpt), "--protocol", "superb", "--json"]) == 0
+def test_profile_cli_prints_the_form_fields(tmp_path, capsys):
+    """S3PRL's tiny HuBERT through the CLI: every field equals the count by hand (formula per utterance,
+    buckets of 8 consecutive lengths, all 32 summed; parameters of the checkpoint's tensors)."""
+    ckpt = make_hubert_checkpoint(tmp_path / "tiny.pt", required_seq_len_multiple=1)  # no even-length padding
+    assert main(["profile", "-u", "hubert_local", "-k", str(ckpt), "--protocol", "superb", "--json"]) == 0
     values = json.loads(capsys.readouterr().out)
     assert list(values) == list(FORM_FIELDS)
-    assert values["macs"] == sum(values[k] for k in FORM_FIELDS[1:5]) > 0
-    assert np.all(np.diff([values[k] for k in FORM_FIELDS[1:5]]) > 0)  # longer buckets, more MACs
+    per_utterance = [protocol_macs(load_base(ckpt).config, n) for n in LENGTHS]
+    buckets = [sum(per_utterance[i:i + 8]) for i in range(0, 32, 8)]
+    weights = torch.load(ckpt, weights_only=True)["model_weight"]
+    assert values == {"macs": sum(per_utterance), **dict(zip(FORM_FIELDS[1:5], buckets)),
+                      "paramShared": sum(t.numel() for t in weights.values())}
+    assert np.all(np.diff(buckets) > 0)  # longer buckets, more MACs
 
 
 def test_s3prl_distiller_and_ours_give_the_same_form(distiller_ckpt):
