@@ -27,11 +27,9 @@ class Batch:
 class AudioBatches:
     """Batches of audio cut to at most ``max_seconds``, grouped by length to waste little padding."""
 
-    def __init__(self, directory: str | os.PathLike, batch_size: int, max_seconds: float, seed: int,
-                 min_seconds: float = 0.05) -> None:
+    def __init__(self, directory: str | os.PathLike, batch_size: int, max_seconds: float, seed: int) -> None:
         self.files: list[Path] = list_audio(directory)
         self.batch_size, self.max_samples, self.seed = batch_size, int(max_seconds * SAMPLE_RATE), seed
-        self.min_samples = int(min_seconds * SAMPLE_RATE)
         self._cache: dict[Path, torch.Tensor] = {}
         self.lengths = [self._audio(f).numel() for f in self.files]
 
