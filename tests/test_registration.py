@@ -67,6 +67,27 @@ def test_named_entry_refuses_a_delta_of_another_technique_or_family(tmp_path, s3
     assert s3prl_hub.compressed_local(ckpt=str(delta)).manifest["technique"] == "identity"
 
 
+@pytest.mark.parametrize("steps,technique", [
+    ([], "identity"),
+    ([{"method": "head_pruning", "ratio": 0.5}, {"method": "weight_pruning", "sparsity": 0.5}], "head_wp"),
+])
+def test_a_refused_delta_s_message_names_only_upstreams_that_exist(tmp_path, s3prl_hub, hubert_ckpt, steps, technique):
+    """head + weight pruning is ``head_wp``: no ``hubert_head_wp`` entry exists, so only compressed_local is named."""
+    import re
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(hubert_ckpt), "steps": steps}))
+    delta = tmp_path / "d.safetensors"
+    assert cli_main(["compress", str(recipe), "-o", str(delta)]) == 0
+    for entry in (s3prl_hub.hubert_rowpruned, s3prl_hub.distilhubert_identity):
+        with pytest.raises(DeltaError) as error:
+            entry(ckpt=str(delta))
+        named = re.findall(r"-u (\w+)", str(error.value))
+        assert named and all(callable(getattr(s3prl_hub, name, None)) for name in named), str(error.value)
+        assert (f"hubert_{technique}" in named) == (technique == "identity")
+    assert s3prl_hub.compressed_local(ckpt=str(delta)).manifest["technique"] == technique
+
+
 def assert_runs_the_base(upstream, base_path, reference, padded_batch) -> None:
     """The upstream holds ``base_path``'s weights and computes what S3PRL's own loader computes from it."""
     from upstream_compressed.model.convert import load_base

@@ -96,6 +96,13 @@ def find_base(delta: Delta, delta_path: Path, model_config: str | None, refresh:
     )
 
 
+def entries_for(delta: Delta) -> str:
+    """The ``-u`` names that load ``delta``: its named entry where one is registered, else compressed_local only."""
+    if delta.base_family in FAMILIES and delta.technique in TECHNIQUES:
+        return f"-u {delta.base_family}_{delta.technique} or -u compressed_local"
+    return f"-u compressed_local (technique {delta.technique!r} has no named entry)"
+
+
 def load_upstream(
     ckpt: str, model_config: str | None = None, refresh: bool = False, family: str | None = None,
     technique: str | None = None,
@@ -108,12 +115,12 @@ def load_upstream(
     if family is not None and delta.base_family != family:
         raise DeltaError(
             f"{delta_path} compresses a {delta.base_family} base, but the upstream {family}_{technique} "
-            f"expects {family}; use -u {delta.base_family}_{delta.technique} or compressed_local"
+            f"expects {family}; use {entries_for(delta)}"
         )
     if technique is not None and delta.technique != technique:
         raise DeltaError(
             f"{delta_path} was made by technique {delta.technique!r}, but the upstream name says "
-            f"{technique!r}; use -u {delta.base_family}_{delta.technique} or compressed_local"
+            f"{technique!r}; use {entries_for(delta)}"
         )
     trusted = trust_option(model_config)
     # A self-contained file (`upstream-compressed export`) carries every tensor: no base to find.
