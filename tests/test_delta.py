@@ -215,3 +215,238 @@ def test_apply_delta_checks_layer_count(hubert_ckpt, written):
     delta.manifest["structure"]["layers"].pop()
     with pytest.raises(DeltaError, match="structure has 1 layers"):
         apply_delta(delta, load_base(hubert_ckpt))
+
+
+# ------------------------------------------------------------------- the format's smaller promises
+def well_formed(**changes) -> dict:
+    """The smallest manifest read_delta accepts (a dense delta of nothing), with ``changes``."""
+    manifest = {"format": delta_module.FORMAT_NAME, "format_version": 1, "base": {"name": "b"}, "config": {},
+                "structure": {"layers": []}, "technique": "t"}
+    return {**manifest, **changes}
+
+
+def test_a_minimal_well_formed_file_reads_back(tmp_path):
+    path = tmp_path / "d.safetensors"
+    rewrite(path, well_formed(), {"x": torch.arange(3.0)})
+    delta = read_delta(path)
+    assert delta.technique == "t" and torch.equal(delta.tensors["x"], torch.arange(3.0))
+    assert not delta.self_contained
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"format": "other"}, r"unknown format 'other'"),
+    ({"format_version": 0}, r"format version 0 is not supported by this upstream_compressed \(it reads versions 1, 2, "
+                            r"3\); upgrade the package or re-create the delta"),
+    ({"format_version": 3}, r"format version 3 and self_contained=None disagree"),
+    ({"format_version": 1, "self_contained": True}, r"format version 1 and self_contained=True disagree"),
+    ({"sparse_tensors": {"w": {}}}, r"sparse tensors need format version 2, the file says 1"),
+    ({"technique": None, "base": None}, None),  # present, even if null: the keys are what is checked
+])
+def test_manifest_problems_are_named(tmp_path, changes, message):
+    path = tmp_path / "d.safetensors"
+    rewrite(path, well_formed(**changes), {})
+    if message is None:
+        assert read_delta(path).manifest["technique"] is None
+        return
+    with pytest.raises(DeltaError, match=message):
+        read_delta(path)
+
+
+def test_a_manifest_lacking_required_keys_names_them(tmp_path):
+    path = tmp_path / "d.safetensors"
+    manifest = well_formed()
+    del manifest["technique"], manifest["structure"]
+    rewrite(path, manifest, {})
+    with pytest.raises(DeltaError, match=r"manifest lacks \['structure', 'technique'\]"):
+        read_delta(path)
+
+
+def test_a_safetensors_file_that_is_not_a_delta_is_named(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    path.write_bytes(save({"x": torch.zeros(2)}))
+    with pytest.raises(DeltaError, match=r"is a safetensors file but not an upstream_compressed delta \(no manifest\)"):
+        read_delta(path)
+    path.write_bytes(save({"x": torch.zeros(2)}, metadata={MANIFEST_KEY: "{}", MANIFEST_DIGEST_KEY: "0" * 64}))
+    with pytest.raises(DeltaError, match="the manifest does not match its checksum; the file is corrupted"):
+        read_delta(path)
+    text = "{not json"
+    path.write_bytes(save({}, metadata={MANIFEST_KEY: text, MANIFEST_DIGEST_KEY: hashlib.sha256(text.encode()).hexdigest()}))
+    with pytest.raises(DeltaError, match="the manifest is not valid JSON"):
+        read_delta(path)
+
+
+def test_a_missing_or_damaged_file_says_what_to_pass(tmp_path):
+    with pytest.raises(DeltaError, match=r"pass the \.safetensors written by `upstream-compressed compress` as -k"):
+        read_delta(tmp_path / "nope.safetensors")
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10" + b"\x00" * 7 + b"{")
+    with pytest.raises(DeltaError, match=r"is not a readable safetensors delta \(truncated or corrupted\?\)"):
+        read_delta(damaged)
+
+
+def test_sha256_file_hashes_files_longer_than_its_read_chunk(tmp_path):
+    data = os.urandom(2_500_000)  # 2.4 MiB: more than two 1 MiB reads
+    (tmp_path / "f").write_bytes(data)
+    assert delta_module.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert delta_module.sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_the_tensor_digest_covers_names_dtypes_shapes_and_bytes_and_not_order():
+    digest = delta_module._tensor_digest
+    x = torch.arange(6, dtype=torch.float32)
+    reference = digest({"a": x, "b": torch.zeros(0)})
+    assert digest({"b": torch.zeros(0), "a": x.clone()}) == reference  # insertion order does not matter
+    assert digest({"a": x}) != reference  # an empty tensor still counts
+    variants = [{"c": x}, {"a": x.view(torch.int32)}, {"a": x.reshape(2, 3)}, {"a": x + 1}]
+    digests = {digest({**v, "b": torch.zeros(0)}) for v in variants}
+    assert len(digests) == len(variants) and reference not in digests
+    grid = torch.arange(6.0).reshape(2, 3)
+    assert digest({"g": grid.T}) == digest({"g": grid.T.contiguous()})  # the values, not the memory layout
+
+
+def test_packed_masks_round_trip_and_wrong_ones_are_named():
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = delta_module.pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (2,)  # 15 bits in 2 bytes
+    assert torch.equal(delta_module.unpack_mask(packed, [3, 5], "w"), mask)
+    message = r"mask of sparse tensor w has {} entries; a packed mask of shape \(3, 5\) needs 2 uint8"
+    with pytest.raises(DeltaError, match=message.format(r"3 torch\.uint8")):
+        delta_module.unpack_mask(torch.zeros(3, dtype=torch.uint8), [3, 5], "w")
+    with pytest.raises(DeltaError, match=message.format(r"2 torch\.int8")):
+        delta_module.unpack_mask(packed.to(torch.int8), [3, 5], "w")
+    with pytest.raises(DeltaError, match=message.format(r"2 torch\.uint8")):
+        delta_module.unpack_mask(packed.reshape(1, 2), [3, 5], "w")
+
+
+def test_structures_round_trip_and_compose_units_like_heads():
+    structure = Structure.identity(type("C", (), {"num_layers": 2})())
+    assert [(o.source_layer, o.kept_heads, o.kept_units) for o in structure.layers] == [(0, None, None), (1, None, None)]
+    structure.keep_units(1, [5, 2, 7], base_units=8)
+    structure.keep_units(1, [2, 0], base_units=8)
+    assert structure.layers[1].kept_units == [7, 5]
+    structure.keep_heads(0, [1], base_heads=4)
+    assert Structure.from_dict(json.loads(json.dumps(structure.to_dict()))) == structure
+
+
+def test_the_manifest_records_what_was_made_and_how(hubert_ckpt):
+    model, delta = pruned_delta(hubert_ckpt, modify=True)
+    manifest = delta.manifest
+    base = load_base(hubert_ckpt)
+    assert manifest["params"] == {"base": SpeechTransformer.from_state_dict(base.config, base.state_dict).num_parameters(),
+                                  "compressed": model.num_parameters()}
+    assert manifest["params"]["compressed"] < manifest["params"]["base"]
+    assert manifest["tensors_sha256"] == delta_module._tensor_digest(delta.tensors)
+    assert manifest["technique"] == "headpruned" and manifest["recipe"]["steps"] == []
+    assert manifest["format_version"] == 1 and "sparse_tensors" not in manifest
+    identity = base_identity(str(hubert_ckpt), hubert_ckpt, base)
+    extra = make_delta(base, identity, model, delta.structure, {}, "headpruned", extra={"note": "kept"})
+    assert extra.manifest["note"] == "kept"
+
+
+def fake_delta(**base) -> delta_module.Delta:
+    return delta_module.Delta({"base": base}, {})
+
+
+def test_check_base_names_the_missing_or_wrong_base_and_what_to_do(tmp_path):
+    right = tmp_path / "right.pt"
+    right.write_bytes(b"right")
+    delta = fake_delta(name="tiny_hubert", sha256=hashlib.sha256(b"right").hexdigest())
+    delta_module.check_base(delta, right)  # no error
+    with pytest.raises(DeltaError, match=r"base checkpoint .*nowhere.pt not found; the delta was made from 'tiny_hubert'\. "
+                                         r"Pass its path with -g \(yaml `base: PATH`\) or UPSTREAM_COMPRESSED_BASE"):
+        delta_module.check_base(delta, tmp_path / "nowhere.pt")
+    wrong = tmp_path / "wrong.pt"
+    wrong.write_bytes(b"wrong")
+    expected = (rf"has sha256 {hashlib.sha256(b'wrong').hexdigest()[:16]}\.\.\., but the delta was made from a base with "
+                rf"sha256 {hashlib.sha256(b'right').hexdigest()[:16]}\.\.\. \('tiny_hubert'\); wrong base file")
+    with pytest.raises(DeltaError, match=expected):
+        delta_module.check_base(delta, wrong)
+
+
+@pytest.fixture
+def stats_files(tmp_path):
+    """A MelHuBERT-style statistics file recorded in a manifest, and a base checkpoint in another folder."""
+    recorded = tmp_path / "made" / "mean_std.npy"
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"statistics")
+    base = tmp_path / "base" / "melhubert.ckpt"
+    base.parent.mkdir()
+    base.write_bytes(b"base")
+    mean_std = {"file_name": "mean_std.npy", "path": str(recorded), "sha256": hashlib.sha256(b"statistics").hexdigest()}
+    return fake_delta(name="mel", mean_std=mean_std), recorded, base
+
+
+def test_a_delta_without_statistics_needs_none(tmp_path):
+    assert delta_module.find_mean_std(fake_delta(name="hubert"), tmp_path / "base.pt") is None
+
+
+def test_statistics_are_found_explicit_first_then_recorded_then_beside_the_base_then_searched(stats_files, tmp_path):
+    delta, recorded, base = stats_files
+    find = delta_module.find_mean_std
+    explicit = tmp_path / "explicit.npy"
+    explicit.write_bytes(b"statistics")
+    beside = base.parent / "mean_std.npy"
+    beside.write_bytes(b"statistics")
+    searched = tmp_path / "search" / "mean_std.npy"
+    searched.parent.mkdir()
+    searched.write_bytes(b"statistics")
+    assert find(delta, base, explicit, [searched.parent]) == explicit
+    assert find(delta, base, None, [searched.parent]) == recorded
+    recorded.unlink()
+    assert find(delta, base, None, [searched.parent]) == beside
+    beside.unlink()
+    assert find(delta, base, None, [tmp_path / "elsewhere", searched.parent]) == searched
+
+
+def test_missing_or_wrong_statistics_are_named(stats_files, tmp_path):
+    delta, recorded, base = stats_files
+    find = delta_module.find_mean_std
+    with pytest.raises(DeltaError, match=r"fbank mean/std file .*absent\.npy does not exist"):
+        find(delta, base, tmp_path / "absent.npy")
+    recorded.write_bytes(b"other statistics")
+    with pytest.raises(DeltaError, match=r"has sha256 .*, but the delta was made with .* \(mean_std\.npy\); wrong statistics"):
+        find(delta, base)
+    with pytest.raises(DeltaError, match="wrong statistics"):  # an explicit file is checked too
+        find(delta, base, recorded)
+    recorded.unlink()
+    with pytest.raises(DeltaError, match=r"cannot find the fbank mean/std file of this MelHuBERT delta's base \(recorded "
+                                         r"as .*mean_std\.npy\); put it beside the base checkpoint, or pass it with -g "
+                                         r"OPTIONS\.yaml containing `mean_std: PATH`"):
+        find(delta, base, None, [tmp_path])
+    (base.parent / "mean_std.npy").write_bytes(b"statistics")
+    nameless = fake_delta(name="mel", mean_std={**delta.manifest["base"]["mean_std"], "file_name": ""})
+    with pytest.raises(DeltaError, match="cannot find"):  # no name: nothing beside the base can be it
+        find(nameless, base)
+
+
+def test_apply_delta_names_what_cannot_be_built(written, hubert_ckpt):
+    delta = read_delta(written)
+    base = load_base(hubert_ckpt)
+    broken = delta_module.Delta({**delta.manifest, "config": {"no_such_option": 1}}, delta.tensors)
+    with pytest.raises(DeltaError, match="the delta's config/structure is invalid"):
+        apply_delta(broken, base)
+    with pytest.raises(DeltaError, match="stores only what differs from its base: the base checkpoint is needed"):
+        apply_delta(delta, None)
+    exported = delta_module.export_self_contained(delta, base)
+    assert exported.self_contained and delta_module.export_self_contained(exported, base) is exported
+    assert not delta.self_contained  # the original is left as it was
+    name = "layers.0.attention.q_proj.weight"
+    incomplete = delta_module.Delta(exported.manifest, {k: v for k, v in exported.tensors.items() if k != name})
+    with pytest.raises(DeltaError, match=rf"tensor {name} is neither in the delta nor derivable from the base"):
+        apply_delta(incomplete, None)
+    wrong = delta_module.Delta(delta.manifest, {**delta.tensors, "layers.0.final_norm.weight": torch.zeros(3)})
+    with pytest.raises(DeltaError, match=r"final_norm\.weight from the delta has shape \(3,\)"):
+        apply_delta(wrong, base)
+
+
+def test_a_self_contained_delta_is_built_without_any_base(written, hubert_ckpt, padded_batch, tmp_path):
+    delta = read_delta(written)
+    base = load_base(hubert_ckpt)
+    exported = delta_module.export_self_contained(delta, base)
+    assert exported.manifest["format_version"] == delta_module.SELF_CONTAINED_FORMAT_VERSION
+    assert exported.manifest["tensors_sha256"] == delta_module._tensor_digest(exported.tensors)
+    alone = delta_module.build_compressed(exported, tmp_path / "no_base_here.pt")
+    expected, _ = run_model(apply_delta(delta, base), padded_batch)
+    states, _ = run_model(alone, padded_batch)
+    assert all(torch.equal(a, b) for a, b in zip(states, expected))
