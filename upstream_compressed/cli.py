@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +31,7 @@ The delta then runs as an S3PRL upstream:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compress import run_recipe
+    from .compress import clean_work_dir, run_recipe
     from .delta import write_delta
     from .recipe import load_recipe
 
@@ -41,13 +40,15 @@ def _compress(args: argparse.Namespace) -> int:
         base = str(Path(os.path.expandvars(base)).resolve())  # a path on the command line is relative to here
     recipe = load_recipe(args.recipe, base=base)
     work_dir = Path(args.work_dir or f"{args.output}.work")
+    # A folder the user named that already existed is theirs: only compress's own files leave it.
+    own_folder = args.work_dir is None or not work_dir.exists()
     delta = run_recipe(recipe, refresh=args.refresh, work_dir=work_dir)
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, one process writes
     if not is_main:
         return 0
     path = write_delta(delta, args.output)
     if not args.keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        clean_work_dir(work_dir, remove_folder=own_folder)
     params = delta.manifest["params"]
     print(
         f"wrote {path}: technique {delta.technique}, {params['compressed']:,} parameters "
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "known name); the delta records the one used")
     compress.add_argument("--refresh", action="store_true", help="download a known base again")
     compress.add_argument("--work-dir", help="where recovery training keeps checkpoints so a killed run resumes "
-                          "(default: OUTPUT.work; removed after success)")
+                          "(default: OUTPUT.work). After success compress removes the files it wrote there "
+                          "(and the folder, if it made it and nothing else is in it)")
     compress.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     _add_trust_option(compress)
     compress.set_defaults(run=_compress)

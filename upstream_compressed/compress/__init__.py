@@ -6,9 +6,9 @@ Each technique lives in its own module here and registers a validator in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -24,19 +24,35 @@ from ..model.convert import Converted, load_base
 from ..recipe import Recipe, RecipeError, technique_name
 from ..profile import count_macs
 from ..train.cluster_head import NoClusterHeadError, cluster_head_of
-from ..train.distill import CLUSTER_KL, TrainOptions, save_checkpoint, train_distillation
+from ..train.distill import CLUSTER_KL, TrainOptions, differences, save_checkpoint, train_distillation
+
+# The files run_recipe writes in a work folder (and the temporary files of their atomic writes):
+# cleaning a work folder removes these and nothing else.
+_WORK_NAME = r"(?:after-step-\d+|step-\d+-training)\.pt"
+WORK_FILE = re.compile(rf"{_WORK_NAME}|\.{_WORK_NAME}\.\w+\.tmp")
+
 
 @dataclass
 class StepContext:
-    """What a step may need besides the model: the base, and where to keep training checkpoints."""
+    """What a step may need besides the model: the base, where to keep training checkpoints, and
+    ``origin`` (the recipe up to this step and the base's sha256; see :func:`work_origin`)."""
 
     base: Converted
     work_dir: Path
     index: int
+    origin: dict[str, Any]
 
     @property
     def label(self) -> str:
         return f"step {self.index}"
+
+    @property
+    def training_checkpoint(self) -> Path:
+        return self.work_dir / f"step-{self.index}-training.pt"
+
+    def training_origin(self, model: SpeechTransformer, structure: Structure) -> dict[str, Any]:
+        """What this step's training checkpoint records: the origin plus the structure it trains."""
+        return _normalised({**self.origin, "structure": structure.to_dict(), "config": model.config.to_dict()})
 
 
 # method -> step(model, structure, step_options, context) -> (model, structure)
@@ -62,28 +78,73 @@ def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
     return identity
 
 
-def _snapshot_key(base_sha: str, steps: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps({"base": base_sha, "steps": steps}, sort_keys=True).encode()).hexdigest()
+def _normalised(data: Any) -> Any:
+    """``data`` as JSON gives it back (sorted keys, lists for tuples): the form work files record."""
+    return json.loads(json.dumps(data, sort_keys=True))
 
 
-def _restore_snapshot(work_dir: Path, base_sha: str, steps: list[dict[str, Any]]):
-    """The latest finished step whose snapshot matches this base and these steps, if any."""
-    for i in reversed(range(len(steps))):
+def work_origin(recipe: Recipe, index: int, identity: dict[str, Any]) -> dict[str, Any]:
+    """What the work of step ``index`` derives from: the recipe's steps up to it and the base by content.
+
+    The base (and a MelHuBERT base's fbank statistics) are named by sha256, not by path: a base
+    that moved or is named otherwise is still the same base.
+    """
+    recipe_part = {k: v for k, v in recipe.to_dict().items() if k not in ("base", "mean_std")}
+    origin = {"recipe": {**recipe_part, "steps": recipe.steps[: index + 1]}, "base_sha256": identity["sha256"]}
+    if "mean_std" in identity:
+        origin["mean_std_sha256"] = identity["mean_std"]["sha256"]
+    return _normalised(origin)
+
+
+def _restore_snapshot(
+    work_dir: Path, recipe: Recipe, identity: dict[str, Any]
+) -> tuple[int, SpeechTransformer, Structure] | None:
+    """The latest finished step whose snapshot was made from this base and these steps, if any.
+
+    A snapshot made from anything else is not used (that step and the later ones run again); the
+    message names what differs.
+    """
+    for i in reversed(range(len(recipe.steps))):
         path = work_dir / f"after-step-{i}.pt"
-        if path.is_file():
-            snapshot = torch.load(path, map_location="cpu", weights_only=True)
-            if snapshot["key"] == _snapshot_key(base_sha, steps[: i + 1]):
-                model = SpeechTransformer.from_state_dict(ModelConfig.from_dict(snapshot["config"]), snapshot["state_dict"])
-                return i, model, Structure.from_dict(snapshot["structure"])
+        if not path.is_file():
+            continue
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+        changed = differences(snapshot.get("origin"), work_origin(recipe, i, identity), "origin")
+        if changed:
+            print(f"not resuming from {path}: it was made from other work ({'; '.join(changed[:4])})",
+                  file=sys.stderr, flush=True)
+            continue
+        model = SpeechTransformer.from_state_dict(ModelConfig.from_dict(snapshot["config"]), snapshot["state_dict"])
+        return i, model, Structure.from_dict(snapshot["structure"])
     return None
 
 
-def _recover(model: SpeechTransformer, base: Converted, options: dict[str, Any], checkpoint: Path, label: str) -> None:
+def clean_work_dir(work_dir: Path, remove_folder: bool) -> None:
+    """Remove the files :func:`run_recipe` writes in ``work_dir``; other files stay.
+
+    With ``remove_folder`` (a folder compress made), the folder goes too if that left it empty.
+    """
+    if not work_dir.is_dir():
+        return
+    for path in work_dir.iterdir():
+        if WORK_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+    if remove_folder:
+        try:
+            work_dir.rmdir()  # fails, as it should, when something else is in it
+        except OSError:
+            pass
+
+
+def _recover(model: SpeechTransformer, structure: Structure, options: dict[str, Any], context: StepContext) -> None:
     """Recovery training: distil the uncompressed base into the compressed model (no labels)."""
+    base = context.base
     teacher = SpeechTransformer.from_state_dict(base.config, base.state_dict)
     train_options = TrainOptions.from_dict(options)
     head = cluster_head_of(base, train_options.logit_temperature) if train_options.objective == CLUSTER_KL else None
-    train_distillation(model, teacher, train_options, checkpoint, description=label, teacher_head=head)
+    train_distillation(model, teacher, train_options, context.training_checkpoint,
+                       description=f"{context.label} recovery", teacher_head=head,
+                       origin=context.training_origin(model, structure))
     model.cpu().eval()
 
 
@@ -101,8 +162,12 @@ def _check_cluster_heads(recipe: Recipe, base: Converted) -> None:
 def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | None = None) -> Delta:
     """Apply every step of ``recipe`` to its base and return the delta.
 
-    With ``work_dir``, recovery training checkpoints and a snapshot after every step with recovery
-    are kept there, so a killed run started again with the same recipe continues where it stopped.
+    With ``work_dir``, training checkpoints and a snapshot after every step that trains are kept
+    there, so a killed run started again with the same recipe continues where it stopped. Each file
+    records its origin (:func:`work_origin`); one made from another recipe, base or structure is not
+    reused: that step starts from scratch, with a message naming what differs. Resuming prints
+    ``resuming: after step I from PATH`` (a snapshot) and ``training: step I ... start=S end=N``
+    (S > 0: a training checkpoint) to stderr.
     """
     relative_to = recipe.source.parent if recipe.source else None
     base_path = resolve_base(recipe.base, relative_to=relative_to, refresh=refresh)
@@ -124,11 +189,11 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
     with tempfile.TemporaryDirectory(prefix="upstream_compressed_") as scratch:
         work = Path(work_dir) if work_dir is not None else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        first, restored = 0, _restore_snapshot(work, identity["sha256"], recipe.steps)
+        first, restored = 0, _restore_snapshot(work, recipe, identity)
         if restored is not None:
             done, model, structure = restored
             first = done + 1
-            print(f"resuming after step {done} from {work}", file=sys.stderr)
+            print(f"resuming: after step {done} from {work / f'after-step-{done}.pt'}", file=sys.stderr, flush=True)
         else:
             model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
             structure = Structure.identity(base.config)
@@ -136,14 +201,14 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
             step = recipe.steps[i]
             options = {k: v for k, v in step.items() if k != "recovery"}
             print(f"step {i}: {step['method']} ...", file=sys.stderr, flush=True)
-            model, structure = STEPS[step["method"]](model, structure, options, StepContext(base, work, i))
+            context = StepContext(base, work, i, work_origin(recipe, i, identity))
+            model, structure = STEPS[step["method"]](model, structure, options, context)
             if "recovery" in step:
-                _recover(model, base, step["recovery"], work / f"step-{i}-training.pt", f"step {i} recovery")
+                _recover(model, structure, step["recovery"], context)
             print(f"step {i}: {step['method']} done, {model.num_parameters():,} parameters", file=sys.stderr, flush=True)
             if ("recovery" in step or step["method"] in EXPENSIVE_METHODS) and work_dir is not None:
                 save_checkpoint(work / f"after-step-{i}.pt", {
-                    "key": _snapshot_key(identity["sha256"], recipe.steps[: i + 1]),
-                    "config": model.config.to_dict(), "state_dict": model.state_dict(),
+                    "origin": context.origin, "config": model.config.to_dict(), "state_dict": model.state_dict(),
                     "structure": structure.to_dict(),
                 })
     base_model = SpeechTransformer.from_state_dict(base.config, base.state_dict, share=True)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
 from ..delta import Structure
 from ..model import SpeechTransformer
 from ..recipe import STEP_VALIDATORS, RecipeError
@@ -94,16 +96,22 @@ def distill(
         config.pred_layer_id = []
         pairs = [[i, ratio * i] for i in range(1, student_layers + 1)]
 
-    student = SpeechTransformer(config)  # prediction heads keep their random initialisation
+    # Prediction heads keep their random initialisation, drawn from the step's own seed: the same
+    # student whatever ran before in this process (a rerun from a snapshot draws what a fresh run did).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        student = SpeechTransformer(config)
     inherited = {k: v for k, v in teacher.state_dict().items() if k in student.state_dict()
                  and not k.startswith("prediction_heads.")}
     student.load_state_dict(inherited, strict=False)
     if pairs is not None:
         options = TrainOptions.from_dict({**_training_options(step), "pairs": pairs})
-    train_distillation(student, teacher, options, context.work_dir / f"step-{context.index}-training.pt",
-                       description=f"{context.label} distillation", teacher_head=teacher_head)
+    student_structure = Structure(structure.layers[:student_layers])
+    train_distillation(student, teacher, options, context.training_checkpoint,
+                       description=f"{context.label} distillation", teacher_head=teacher_head,
+                       origin=context.training_origin(student, student_structure))
     student.cpu().eval()
-    return student, Structure(structure.layers[:student_layers])
+    return student, student_structure
 
 
 STEP_VALIDATORS["distillation"] = validate

@@ -10,8 +10,10 @@ students.
 
 Production concerns live here too: a progress bar, checkpoints written atomically every K steps,
 ``resume`` after a kill that continues to the same weights (the batches depend only on the step,
-and the RNG state is saved), gradient accumulation, AMP on GPU, and DistributedDataParallel when
-launched by ``torchrun`` (each process takes its own slice of every step's batches).
+and the RNG state is saved; a checkpoint written for other work, by its ``origin`` or training
+options, is not resumed: training starts afresh and says what differs), gradient accumulation,
+AMP on GPU, and DistributedDataParallel when launched by ``torchrun`` (each process takes its own
+slice of every step's batches).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,6 +176,37 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(recorded: Any, wanted: Any, where: str = "") -> list[str]:
+    """Where two nested dicts/lists differ, as ``path: recorded -> wanted`` lines."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        return [line for key in sorted(set(recorded) | set(wanted), key=str)
+                for line in differences(recorded.get(key), wanted.get(key), f"{where}.{key}" if where else str(key))]
+    if isinstance(recorded, list) and isinstance(wanted, list) and len(recorded) == len(wanted):
+        return [line for i, (a, b) in enumerate(zip(recorded, wanted)) for line in differences(a, b, f"{where}[{i}]")]
+    return [] if recorded == wanted else [f"{where or 'value'}: {_short(recorded)} -> {_short(wanted)}"]
+
+
+def _resumable_state(path: Path, device: torch.device, wanted: dict[str, Any], description: str,
+                     announce: bool) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it continues this very run (same origin and options), else None."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    changed = differences({key: state.get(key) for key in wanted}, wanted)
+    if not changed:
+        return state
+    if announce:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        print(f"{description}: not resuming {path}, it was written for other work ({shown}); "
+              "training from scratch", file=sys.stderr, flush=True)
+    return None
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     import io
 
@@ -189,12 +223,16 @@ def train_distillation(
     description: str = "distilling",
     stop_after: Callable[[int], bool] | None = None,
     teacher_head: ClusterHead | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train ``student`` in place to match ``teacher``; resumes from ``checkpoint_path`` if it exists.
+    """Train ``student`` in place to match ``teacher``; resume from ``checkpoint_path`` if it is this run's.
 
     ``teacher_head`` (objective cluster_kl): the teacher's cluster head; the student trains a copy of
     it, which is saved in the checkpoint but not returned (it is not part of the student model).
+    ``origin`` (JSON-like): what is being trained (recipe, base, structure), recorded in the checkpoint;
+    a checkpoint with another origin or other options is ignored (training restarts, with a message).
     ``stop_after(step)`` (tests) ends the run early after that step's checkpoint logic.
+    Prints ``training: DESCRIPTION start=S end=N`` to stderr (S > 0: resumed at training step S).
     """
     if options.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {options.objective!r}; known: {OBJECTIVES}")
@@ -206,7 +244,8 @@ def train_distillation(
     dist = init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    student.to(device).train()
+    # What trains follows from these options alone, never from an earlier run on the same modules.
+    student.to(device).train().requires_grad_(True)
     teacher.to(device).eval().requires_grad_(False)
     if options.freeze_front_end:
         student.feature_extractor.requires_grad_(False)
@@ -238,12 +277,9 @@ def train_distillation(
 
     start_step, history = 0, []
     torch.manual_seed(options.seed + dist.rank)
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["options"] != asdict(options):
-            raise ValueError(
-                f"{checkpoint_path} was written with other training options; delete it to start afresh"
-            )
+    record = {"origin": origin, "options": asdict(options)}
+    state = _resumable_state(checkpoint_path, device, record, description, dist.main)
+    if state is not None:
         student.load_state_dict(state["student"])
         if student_head is not None:
             student_head.load_state_dict(state["cluster_head"])
@@ -261,6 +297,8 @@ def train_distillation(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
+    if dist.main:
+        print(f"training: {description} start={start_step} end={options.steps}", file=sys.stderr, flush=True)
     progress = tqdm(total=options.steps, initial=start_step, desc=description, unit="step",
                     disable=not dist.main, dynamic_ncols=True)
     loss_value = float("nan")
@@ -306,7 +344,7 @@ def train_distillation(
                 save_checkpoint(checkpoint_path, {
                     "student": student.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "history": history,
-                    "rng": rng, "options": asdict(options),
+                    "rng": rng, **record,
                     **({"cluster_head": student_head.state_dict()} if student_head is not None else {}),
                 })
             if dist.world_size > 1:
