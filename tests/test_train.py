@@ -58,3 +58,61 @@ def test_torchrun_two_cpu_processes(tmp_path, hubert_ckpt, audio_dir):
         assert torch.equal(rank1["state"][name], tensor), name
     checkpoint = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert checkpoint["step"] == 4 and len(checkpoint["rng"]) == 2
+
+
+# ------------------------------------------------------------------ in-process: what trains, what resumes
+def tiny_pair(ckpt):
+    from upstream_compressed.model import SpeechTransformer
+    from upstream_compressed.model.convert import load_base
+
+    base = load_base(ckpt)
+    return (SpeechTransformer.from_state_dict(base.config, base.state_dict),
+            SpeechTransformer.from_state_dict(base.config, base.state_dict))
+
+
+def quick_options(audio_dir, **extra):
+    from upstream_compressed.train.distill import TrainOptions
+
+    return TrainOptions(**{"audio": str(audio_dir), "steps": 2, "batch_size": 2, "max_seconds": 0.5, "lr": 1e-2,
+                           "checkpoint_every": 2, "device": "cpu", **extra})
+
+
+def front_end(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.feature_extractor.state_dict().items()}
+
+
+def test_each_run_trains_what_its_own_options_say(tmp_path, hubert_ckpt, audio_dir):
+    """A frozen front end in one run must not stay frozen in the next run on the same modules."""
+    from upstream_compressed.train.distill import train_distillation
+
+    student, teacher = tiny_pair(hubert_ckpt)
+    student.layers[0].attention.out_proj.weight.data.mul_(0.5)  # something to recover
+    before = front_end(student)
+    train_distillation(student, teacher, quick_options(audio_dir, freeze_front_end=True), tmp_path / "a.pt")
+    frozen = front_end(student)
+    assert all(torch.equal(before[k], frozen[k]) for k in before)
+    train_distillation(student, teacher, quick_options(audio_dir, seed=1), tmp_path / "b.pt")
+    assert any(not torch.equal(frozen[k], v) for k, v in front_end(student).items()), "front end stayed frozen"
+
+
+def test_a_checkpoint_from_other_work_is_not_resumed(tmp_path, hubert_ckpt, audio_dir, capfd):
+    from upstream_compressed.train.distill import train_distillation
+
+    checkpoint = tmp_path / "run.pt"
+    student, teacher = tiny_pair(hubert_ckpt)
+    train_distillation(student, teacher, quick_options(audio_dir), checkpoint, description="run", origin={"criterion": "l1"})
+    capfd.readouterr()
+
+    same = train_distillation(tiny_pair(hubert_ckpt)[0], teacher, quick_options(audio_dir), checkpoint,
+                              description="run", origin={"criterion": "l1"})
+    assert same.resumed_from == 2 and "training: run start=2 end=2" in capfd.readouterr().err
+
+    other = train_distillation(tiny_pair(hubert_ckpt)[0], teacher, quick_options(audio_dir), checkpoint,
+                               description="run", origin={"criterion": "random"})
+    err = capfd.readouterr().err
+    assert other.resumed_from == 0 and "training: run start=0 end=2" in err
+    assert f"not resuming {checkpoint}" in err and "origin.criterion: 'l1' -> 'random'" in err
+
+    options = train_distillation(tiny_pair(hubert_ckpt)[0], teacher, quick_options(audio_dir, lr=1e-3), checkpoint,
+                                 description="run", origin={"criterion": "random"})
+    assert options.resumed_from == 0 and "options.lr: 0.01 -> 0.001" in capfd.readouterr().err
