@@ -122,10 +122,9 @@ else
       "${CLI[@]}" make-corpus "$CORPUS"
     fi
   fi
-  # The shipped recipes read their audio from data/embedded_corpus: point it at --corpus when it differs.
-  if [ "$(realpath -m "$CORPUS")" != "$(realpath -m data/embedded_corpus)" ]; then
-    mkdir -p data && ln -sfn "$(realpath "$CORPUS")" data/embedded_corpus
-  fi
+  # --corpus reaches everything through `experiment --corpus`: downstreams read it, and recipes read
+  # their audio as ${CORPUS}/..., which experiment sets from it. No link is made or replaced, so
+  # data/embedded_corpus stays as it is, whatever it is (a real folder, a link, or nothing).
 fi
 
 [ -z "$MODELS" ] || PLAN_ARGS+=(--models "$MODELS")
