@@ -228,3 +228,54 @@ def test_l1_unit_score_is_fc1_row_plus_fc2_column_mass(hubert):
     keep[0, : dim // 2] = False
     model.prune_weights(0, "fc1", keep)
     assert float(l1_unit_scores(model)[0][0]) == pytest.approx(1.0 * dim)
+
+
+# ------------------------------------------------------------- data-driven, what it leaves behind
+def test_scoring_leaves_the_model_as_it_found_it(hubert, audio_dir):
+    model = copy.deepcopy(hubert).train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data_driven_scores(model, "heads", str(audio_dir), max_utterances=2, batch_size=2, projections=1)
+    assert model.training  # the mode it had, not eval
+    assert all(p.requires_grad for p in model.parameters())  # trainable again
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    hooked = [name for name, m in model.named_modules() if m._forward_pre_hooks]
+    assert hooked == []  # no gate left on out_proj / fc2
+    model.eval()
+    data_driven_scores(model, "units", str(audio_dir), max_utterances=2, batch_size=2, projections=1)
+    assert not model.training
+
+
+@pytest.mark.parametrize("kind", ["heads", "units"])
+def test_a_layer_with_nothing_left_scores_empty_and_the_others_still_score(hubert, audio_dir, kind):
+    model = copy.deepcopy(hubert)
+    if kind == "heads":
+        model.keep_heads(0, [])
+    else:
+        model.keep_units(0, [])
+    first, second = data_driven_scores(model, kind, str(audio_dir), max_utterances=4, batch_size=2, projections=2)
+    assert first.numel() == 0
+    assert second.numel() == (4 if kind == "heads" else 128) and bool((second > 0).all())
+
+
+@pytest.fixture(scope="module")
+def long_audio_dir(tmp_path_factory):
+    """33 utterances, two of them 8.5 s long: more than 32 files and longer than 8 s, so both defaults matter
+    (a sample of 32 leaves out at most one of the long ones)."""
+    import numpy as np
+    import soundfile
+
+    directory = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(33):
+        seconds = 8.5 if i < 2 else 0.2 + 0.05 * (i % 5)
+        wav = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+        soundfile.write(directory / f"u{i:02d}.wav", wav, 16000)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["heads", "units"])
+def test_the_documented_defaults_are_32_utterances_of_8_s_in_batches_of_4_with_4_projections(hubert, long_audio_dir,
+                                                                                              kind):
+    default = data_driven_scores(copy.deepcopy(hubert), kind, str(long_audio_dir))
+    explicit = data_driven_scores(copy.deepcopy(hubert), kind, str(long_audio_dir), 32, 8.0, 4, 4, 0)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
