@@ -239,3 +239,16 @@ def test_forced_execution_applies_inside_the_block_and_restores_afterwards():
         with forced_execution(model, "dense"):
             raise RuntimeError("interrupted")
     assert [m.execution for _, m in masked_linears(model)] == ["sparse", None]
+
+
+def test_the_csr_matrix_built_without_invariant_checks_is_well_formed():
+    module = masked(9, 12, sparsity=0.8)
+    with torch.no_grad():
+        module.mask[0] = False  # an empty first row
+        module.apply_mask_()
+    matrix = _CsrKernel(module.weight, module.mask, module.bias).matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the beta notice
+        checked = torch.sparse_csr_tensor(matrix.crow_indices(), matrix.col_indices(), matrix.values(), matrix.shape,
+                                          check_invariants=True)  # raises if the rows' starts or columns are wrong
+    assert torch.equal(checked.to_dense(), module.weight.detach() * module.mask)
