@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Mutation testing of the modules whose bugs would silently corrupt a compressed model (not run in CI).
+
+Runs mutmut over delta.py, compress/selection.py, model/sparse.py, train/data.py and
+compress/importance.py, each with only the test files that exercise it directly (:data:`MODULES`;
+the end-to-end ``compress`` tests are left out: tens of seconds per mutant), and prints per module
+how many mutants were killed, survived, timed out or ended otherwise (``other``: mostly code no
+selected test reaches), then one JSON line with every count. A survivor or other listed in
+:data:`EXPLAINED` (an equivalent mutant, or code only a GPU runs) counts as ``explained``, any
+other as ``unexplained``; the exit status is 1 while an unexplained or unchecked one remains.
+
+It never touches the working tree: each module runs in a fresh copy under ``--work`` (of the working
+tree without .git and .venv, or of a commit with ``--rev``), with mutmut in its own virtual
+environment whose site-packages extends the project's (torch and s3prl are not installed twice).
+mutmut runs niced (19) with one worker. Usage::
+
+    .venv/bin/python scripts/mutation.py                       # all five modules, full runs
+    .venv/bin/python scripts/mutation.py model/sparse.py       # one module
+    # before/after: the suite without some test files, then only the mutants it did not kill, with them
+    .venv/bin/python scripts/mutation.py model/sparse.py --rev REV --added-tests tests/test_sparse.py
+    .venv/bin/python scripts/mutation.py model/sparse.py --rev REV --added-tests tests/test_sparse.py --again
+
+``--time-limit S`` stops a module's run after S seconds (the rest count as ``not_checked``).
+
+Why mutmut and not cosmic-ray: mutmut 3 records which tests reach which function and forks a
+warmed-up process per mutant (forkserver isolation, safe with torch), so a mutant costs only the
+tests that can see it, fastest first here (a small pytest plugin), stopping at the first failure;
+cosmic-ray starts a fresh interpreter (torch import included) and the whole test command for every
+mutant, which on this 2-core machine is hours instead of minutes. mutmut mutates only code inside
+functions, so module constants (thresholds, environment variable names) are not among the mutants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+MUTMUT_VERSION = "3.8.1"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = "upstream_compressed"
+
+# module (relative to the package) -> the test files that exercise it
+MODULES: dict[str, list[str]] = {
+    "model/sparse.py": ["tests/test_sparse.py", "tests/test_weight_pruning.py"],
+    "compress/selection.py": ["tests/test_selection.py", "tests/test_head_analysis.py"],
+    "train/data.py": ["tests/test_train_data.py", "tests/test_distillation.py"],
+    "delta.py": ["tests/test_delta.py", "tests/test_weight_pruning.py", "tests/test_export.py"],
+    "compress/importance.py": ["tests/test_importance.py", "tests/test_head_analysis.py"],
+}
+
+CUDA_ONLY = ("CUDA only: the 2:4 kernel; tests/test_weight_pruning.py::test_two_four_runs_on_semi_structured_kernels_on_cuda"
+             " runs it where a GPU is present")
+
+# Surviving mutants that no test can kill because they change no behaviour, as
+# (module, function, a fragment of the mutated line, why). Matched on the mutated code, not on
+# mutmut's mutant numbers, so the list stays right when the module's other functions change.
+EXPLAINED: list[tuple[str, str, str, str]] = [
+    ("model/sparse.py", "_SemiStructuredKernel.__init__", "", CUDA_ONLY),
+    ("model/sparse.py", "_SemiStructuredKernel.__call__", "", CUDA_ONLY),
+    ("model/sparse.py", "is_two_four", "mask.reshape(-1, 4)",
+     "equivalent: the width is a multiple of 4 (checked just before), so no group of 4 straddles two rows"),
+    ("model/sparse.py", "is_two_four", "mask.shape[+1]", "equivalent: masks are 2-D, so shape[1] is shape[-1]"),
+    ("model/sparse.py", "_CsrKernel.__call__", "if rows.shape[1] == 0:",
+     "equivalent: split and mm give the right (0, out) result for zero rows anyway (the guard is a shortcut), "
+     "and a Linear with zero inputs never gets a CSR kernel (_choose: no weights, dense)"),
+    ("model/sparse.py", "_CsrKernel.__call__", "if (self.chunk) and False else",
+     "equivalent: one multiply over all rows gives the same product; chunking is for speed (cache)"),
+    ("model/sparse.py", "_CsrKernel.__call__", "if (self.chunk) or True else",
+     "CUDA only: chunk is None only on a GPU (forced CSR); on CPU it is always set"),
+    ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, device=None)", "CUDA only: on CPU None is the mask's device"),
+    ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, ))", "CUDA only: on CPU the default is the mask's device"),
+    ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
+     "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
+     "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),
+    ("train/data.py", "AudioBatches.__init__", "min_seconds: float = ",
+     "min_samples is stored and never read (issue 21 removes it)"),
+    ("train/data.py", "AudioBatches.__init__", "self.min_samples =",
+     "min_samples is stored and never read (issue 21 removes it)"),
+]
+
+# mutmut's exit codes (mutmut.stats.status_by_exit_code) folded into the four reported classes
+KILLED_CODES = {1, 3, 37, -11}  # -11: the tests crashed (an invalid CSR built without invariant checks)
+SURVIVED_CODES = {0}
+TIMEOUT_CODES = {36, 24, -24, 152, 255}
+
+
+def tool_python(venv: Path) -> Path:
+    """The tool venv's python, creating the venv and installing mutmut into it if missing."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", f"import mutmut, sys; sys.exit(mutmut.__version__ != {MUTMUT_VERSION!r})"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # The project's packages stay visible (a plain path line in a .pth), mutmut's own land in the venv.
+    (tool_site(venv) / "project_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"mutmut=={MUTMUT_VERSION}"], check=True)
+    return python
+
+
+def tool_site(venv: Path) -> Path:
+    return venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def fresh_copy(target: Path, rev: str | None) -> None:
+    """The working tree without .git, .venv and build leftovers (or the committed tree of ``rev``) at ``target``."""
+    shutil.rmtree(target, ignore_errors=True)
+    if rev:
+        target.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+        return
+    top_level = {".git", ".venv", "mutants", "data", "result"}
+    anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set(anywhere(directory, names))
+        return skipped | (top_level & set(names) if Path(directory) == REPO else set())
+
+    shutil.copytree(REPO, target, ignore=ignore)
+
+
+# A pytest plugin for the mutant runs: fastest tests first (by the durations mutmut measured), so that
+# with -x a killed mutant usually costs one quick test instead of whichever test its set listed first.
+ORDER_PLUGIN = """
+import json
+from pathlib import Path
+
+
+def pytest_collection_modifyitems(session, config, items):
+    stats = Path("mutmut-stats.json")  # mutants/, the tests' working directory
+    durations = json.loads(stats.read_text()).get("duration_by_test", {}) if stats.exists() else {}
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+"""
+
+
+def write_config(copy: Path, module: str, tests: list[str]) -> None:
+    """mutmut's [mutmut] section for one module; everything else of the repository is copied beside it."""
+    (copy / "mutation_test_order.py").write_text(ORDER_PLUGIN)
+    also_copy = sorted(p.name for p in copy.iterdir() if p.name not in (PACKAGE, "tests", "setup.cfg"))
+    lines = [
+        "[mutmut]",
+        f"source_paths = {PACKAGE}",
+        f"only_mutate = {PACKAGE}/{module}",
+        "also_copy =", *(f"    {p}" for p in also_copy),
+        "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests),
+        "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -p", "    mutation_test_order", "    -q",
+        "process_isolation = forkserver",
+        "use_git_change_detection = false",
+    ]
+    (copy / "setup.cfg").write_text("\n".join(lines) + "\n")
+
+
+def mutant_diff(python: Path, copy: Path, name: str) -> str:
+    shown = subprocess.run([str(python), "-m", "mutmut", "show", name], cwd=copy, capture_output=True, text=True)
+    return shown.stdout
+
+
+def explanation(module: str, name: str, diff: str) -> str | None:
+    # upstream_compressed.train.data.xǁAudioBatchesǁ__init____mutmut_7 -> AudioBatches.__init__
+    function = re.sub(r"__mutmut_\d+$", "", name.rsplit(".", 1)[-1])
+    function = re.sub(r"^x[_ǁ]", "", function).replace("ǁ", ".")
+    added = "\n".join(line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    for where, func, fragment, why in EXPLAINED:
+        if where == module and function.endswith(func) and fragment in added:
+            return why
+    return None
+
+
+def run_mutmut(python: Path, copy: Path, mutants: list[str], time_limit: float | None) -> None:
+    """``mutmut run`` in ``copy`` (all mutants, or only ``mutants``), niced, one worker, output to mutmut.log.
+
+    After ``time_limit`` seconds it is stopped; mutmut saves each verdict as it goes, so the mutants
+    it had not reached count as ``not checked``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    log = copy / "mutmut.log"
+    with open(log, "a") as out:
+        process = subprocess.Popen(["nice", "-n", "19", str(python), "-m", "mutmut", "run", "--max-children", "1",
+                                    *mutants], cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=time_limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            print(f"   stopped after {time_limit:.0f} s", flush=True)
+            return
+        except BaseException:  # interrupted: stop mutmut and the workers it forked (its own process group)
+            os.killpg(process.pid, signal.SIGTERM)
+            raise
+    if code != 0:
+        sys.exit(f"mutmut failed in {copy} (exit {code}); see {log}")
+
+
+def exit_codes_of(copy: Path, module: str) -> dict[str, int | None]:
+    return json.loads((copy / "mutants" / PACKAGE / (module + ".meta")).read_text())["exit_code_by_key"]
+
+
+def run_module(python: Path, work: Path, module: str, show: bool, added_tests: list[str], rev: str | None,
+               again: bool, time_limit: float | None) -> dict[str, int]:
+    copy = work / (module.replace("/", "_").removesuffix(".py") + (f"@{rev}" if rev else ""))
+    if again:
+        # Same copy, same mutants, same config; only the added tests come in from the working tree. Kills
+        # stand (tests are only added), every other mutant is tried again, new tests found by mutmut itself.
+        if not (copy / "setup.cfg").exists():
+            sys.exit(f"--again needs an earlier run in {copy}")
+        for test in added_tests:
+            shutil.copy2(REPO / test, copy / test)
+        retry = [name for name, code in exit_codes_of(copy, module).items() if code not in KILLED_CODES]
+        print(f"== {module}: again, {len(retry)} mutants not killed before (in {copy})", flush=True)
+        if retry:
+            run_mutmut(python, copy, retry, time_limit)
+    else:
+        fresh_copy(copy, rev)
+        for test in added_tests:  # the "before" count: the suite without these (an empty file keeps mutmut's config)
+            (copy / test).write_text('"""Left out of this mutation run."""\n')
+        tests = [t for t in MODULES[module] if (copy / t).exists()]
+        if not tests:  # mutmut would fall back to the whole suite
+            sys.exit(f"none of {MODULES[module]} exists in {copy}")
+        write_config(copy, module, tests)
+        print(f"== {module}: mutmut over {' '.join(tests)} (in {copy})", flush=True)
+        run_mutmut(python, copy, [], time_limit)
+    exit_codes = exit_codes_of(copy, module)
+    counts = {"total": len(exit_codes), "killed": 0, "survived": 0, "explained": 0, "unexplained": 0, "timeout": 0,
+              "other": 0, "not_checked": 0}
+    for name, exit_code in sorted(exit_codes.items()):
+        if exit_code in KILLED_CODES:
+            counts["killed"] += 1
+        elif exit_code in TIMEOUT_CODES:
+            counts["timeout"] += 1
+        elif exit_code is None:  # a run stopped by --time-limit
+            counts["not_checked"] += 1
+        else:  # survived, or no test reaches it (33), segfault, suspicious: explained or not
+            status = "survived" if exit_code in SURVIVED_CODES else "other"
+            counts[status] += 1
+            diff = mutant_diff(python, copy, name)
+            why = explanation(module, name, diff)
+            counts["explained" if why else "unexplained"] += 1
+            if show or not why:
+                detail = f"explained: {why}" if why else f"mutmut exit code {exit_code}"
+                print(f"-- {status} ({detail}): {name}\n{diff}", flush=True)
+    print(f"   {module}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"any of {', '.join(MODULES)}")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/upstream_compressed_mutation"),
+                        help="where the repository copies go (replaced)")
+    parser.add_argument("--tool-venv", type=Path, default=Path("/tmp/upstream_compressed_mutmut_venv"),
+                        help="virtual environment for mutmut (created if missing)")
+    parser.add_argument("--added-tests", nargs="+", default=[], metavar="TEST_FILE",
+                        help="test files added against survivors: left out of a fresh run (the 'before' count), "
+                             "brought in from the working tree by --again (the 'after' count)")
+    parser.add_argument("--rev", help="mutate and test the committed tree of this git revision instead (the "
+                        "'before' count: e.g. the commit before the tests written against surviving mutants)")
+    parser.add_argument("--again", action="store_true",
+                        help="reuse the last run's copy and retry only the mutants it did not kill, with the "
+                             "--added-tests (the 'after' count of a 'before' run)")
+    parser.add_argument("--time-limit", type=float, help="stop each module's mutmut run after this many seconds")
+    parser.add_argument("--show-survivors", action="store_true", help="print explained survivors' diffs too")
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a kill also stops mutmut's process group
+    python = tool_python(args.tool_venv)
+    results = {module: run_module(python, args.work, module, args.show_survivors, args.added_tests, args.rev,
+                                  args.again, args.time_limit) for module in args.modules}
+    print(json.dumps({"mutmut": MUTMUT_VERSION, "rev": args.rev or "working tree", "modules": results}, sort_keys=True))
+    sys.exit(1 if any(r["unexplained"] or r["not_checked"] for r in results.values()) else 0)
+
+
+if __name__ == "__main__":
+    main()
