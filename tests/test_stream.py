@@ -97,3 +97,13 @@ def test_a_file_that_fails_to_decode_is_skipped_and_named(corpus, tmp_path):
     (batch,) = list(batch_loader(manifest, plan, 0, 1, num_workers=1))
     assert len(batch) == 23
     assert [path for path, _ in batch.skipped] == [str(broken)]
+
+
+def test_the_loader_leaves_the_training_random_stream_alone(corpus):
+    """A resumed run starts its loader later than an uninterrupted one: it must not draw from torch's RNG."""
+    plan = BatchPlan(corpus.num_samples, BatchRule(batch_size=3, max_seconds=0.5), seed=1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for workers in (0, 1):
+        list(batch_loader(corpus, plan, 0, 2, num_workers=workers))
+    assert torch.equal(torch.get_rng_state(), before)

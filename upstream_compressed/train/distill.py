@@ -36,7 +36,8 @@ from tqdm import tqdm
 from ..delta import atomic_write_bytes
 from ..model import SpeechTransformer
 from .cluster_head import ClusterHead, cluster_kl_loss
-from .data import AudioBatches
+from ..audio.manifest import load_corpus
+from .stream import BatchPlan, BatchRule, batch_loader, warn_skipped
 
 HIDDEN_STATES, CLUSTER_KL = "hidden_states", "cluster_kl"
 OBJECTIVES = (HIDDEN_STATES, CLUSTER_KL)
@@ -46,10 +47,12 @@ OBJECTIVES = (HIDDEN_STATES, CLUSTER_KL)
 class TrainOptions:
     """What a recipe's ``recovery:`` (or a distillation step) may set."""
 
-    audio: str
+    audio: str  # a folder or a manifest (upstream-compressed manifest)
     steps: int = 200
-    batch_size: int = 4
+    batch_size: int = 4  # files per batch (per process), unless seconds_per_batch is given
+    seconds_per_batch: float | None = None  # or: as many files as fit this much padded audio (fairseq's max_tokens)
     max_seconds: float = 4.0
+    num_workers: int | None = None  # DataLoader workers decoding ahead; default min(4, cores)
     lr: float = 2e-4
     warmup_steps: int | None = None  # default: 10% of steps
     weight_decay: float = 0.0
@@ -160,6 +163,15 @@ class TrainResult:
     resumed_from: int
     seconds: float
     history: list[float] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # files that failed to decode, left out of their batch
+
+
+class TrainingError(RuntimeError):
+    """A training run that cannot continue as asked; the message says what to do."""
+
+
+# Options that change how fast batches arrive, never which: a run resumes across a change of them.
+NOT_IN_RECORD = ("num_workers",)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -262,7 +274,10 @@ def train_distillation(
             raise ValueError(f"pair {[s, t]} names a hidden state that does not exist")
     trainee = _Trainee(student, student_head)
 
-    data = AudioBatches(options.audio, options.batch_size, options.max_seconds, options.seed)
+    manifest = load_corpus(options.audio, progress=dist.main)
+    rule = BatchRule(None if options.seconds_per_batch is not None else options.batch_size,
+                     options.seconds_per_batch, options.max_seconds)
+    plan = BatchPlan(manifest.num_samples, rule, options.seed, dist.world_size)
     trainable = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
     warmup = options.warmup_steps if options.warmup_steps is not None else max(1, options.steps // 10)
@@ -275,9 +290,9 @@ def train_distillation(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    start_step, history = 0, []
+    start_step, history, skipped = 0, [], []
     torch.manual_seed(options.seed + dist.rank)
-    record = {"origin": origin, "options": asdict(options)}
+    record = {"origin": origin, "options": {k: v for k, v in asdict(options).items() if k not in NOT_IN_RECORD}}
     state = _resumable_state(checkpoint_path, device, record, description, dist.main)
     if state is not None:
         student.load_state_dict(state["student"])
@@ -285,7 +300,15 @@ def train_distillation(
             student_head.load_state_dict(state["cluster_head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("world_size", 1) != dist.world_size:
+            raise TrainingError(
+                f"{checkpoint_path} was written by a run on {state.get('world_size', 1)} process(es) and this run "
+                f"has {dist.world_size}: every process takes its own slice of each step's batches, so another "
+                f"count would not continue the same run. Resume with the same count (torchrun "
+                f"--nproc-per-node/--nnodes), or delete the file to train this step afresh."
+            )
         start_step, history = state["step"], list(state["history"])
+        skipped = list(state.get("skipped_files", []))
         _set_rng_state(state["rng"][dist.rank] if isinstance(state["rng"], list) else state["rng"], device)
 
     model: torch.nn.Module = trainee
@@ -302,13 +325,24 @@ def train_distillation(
     progress = tqdm(total=options.steps, initial=start_step, desc=description, unit="step",
                     disable=not dist.main, dynamic_ncols=True)
     loss_value = float("nan")
+    accumulation = options.grad_accumulation
+    loader = iter(batch_loader(manifest, plan, start_step * accumulation, options.steps * accumulation, dist.rank,
+                               options.num_workers, pin_memory=device.type == "cuda"))
     for step in range(start_step, options.steps):
         step_start = time.perf_counter()
         utterances = 0
         loss_value = 0.0
-        for micro in range(options.grad_accumulation):
-            batch = data.batch(step * options.grad_accumulation + micro, dist.rank, dist.world_size)
-            wavs, lengths = batch.wavs.to(device), batch.lengths.to(device)
+        for micro in range(accumulation):
+            batch = next(loader)
+            if batch.skipped:
+                warn_skipped(batch, step)
+                skipped += [path for path, _ in batch.skipped]
+            if len(batch) == 0:
+                if dist.world_size > 1:  # the other processes would wait for this one's gradients forever
+                    raise TrainingError(f"step {step}: every file of this process's batch failed to decode "
+                                        f"({', '.join(p for p, _ in batch.skipped)}); fix or remove them")
+                continue
+            wavs, lengths = batch.wavs.to(device, non_blocking=True), batch.lengths.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 with torch.no_grad():
                     target, _ = teacher(wavs, lengths)
@@ -331,7 +365,8 @@ def train_distillation(
         history.append(loss_value)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}",
-                             utt_per_s=f"{utterances * dist.world_size / (time.perf_counter() - step_start):.1f}")
+                             utt_per_s=f"{utterances * dist.world_size / (time.perf_counter() - step_start):.1f}",
+                             **({"skipped": len(skipped)} if skipped else {}))
 
         done = step + 1
         if done % options.checkpoint_every == 0 or done == options.steps:
@@ -344,7 +379,7 @@ def train_distillation(
                 save_checkpoint(checkpoint_path, {
                     "student": student.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": done, "history": history,
-                    "rng": rng, **record,
+                    "rng": rng, "world_size": dist.world_size, "skipped_files": skipped, **record,
                     **({"cluster_head": student_head.state_dict()} if student_head is not None else {}),
                 })
             if dist.world_size > 1:
@@ -353,4 +388,8 @@ def train_distillation(
             break
     progress.close()
     student.eval()  # the student's cluster head (cluster_kl) stays behind: only the checkpoint keeps it
-    return TrainResult(len(history), loss_value, start_step, time.perf_counter() - started, history)
+    seconds = time.perf_counter() - started
+    if dist.main:
+        print(f"training: {description} done steps={len(history) - start_step} seconds={seconds:.1f} "
+              f"skipped_files={len(skipped)}", file=sys.stderr, flush=True)
+    return TrainResult(len(history), loss_value, start_step, seconds, history, skipped)

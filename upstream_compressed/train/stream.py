@@ -207,6 +207,9 @@ def batch_loader(manifest: Manifest, plan: BatchPlan, start: int, end: int, rank
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if workers > 0 else None,
         persistent_workers=False,
+        # Starting an iterator draws a seed; from the global RNG it would shift the training's random
+        # stream, so a resumed run (whose loader starts later) would not continue the same one.
+        generator=torch.Generator().manual_seed(plan.seed),
     )
 
 
