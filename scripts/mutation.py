@@ -59,6 +59,9 @@ MODULES: dict[str, list[str]] = {
 CUDA_ONLY = ("CUDA only: the 2:4 kernel; tests/test_weight_pruning.py::test_two_four_runs_on_semi_structured_kernels_on_cuda"
              " runs it where a GPU is present")
 
+SELECTION_DEFAULT = 'equivalent: the default is only compared with "global", so any other value means per layer'
+CRITERION_DEFAULT = 'equivalent: the default is only compared with "data_driven", so any other value means l1 (no normalising)'
+
 # Surviving mutants that no test can kill because they change no behaviour, as
 # (module, function, a fragment of the mutated line, why). Matched on the mutated code, not on
 # mutmut's mutant numbers, so the list stays right when the module's other functions change.
@@ -77,6 +80,12 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
      "CUDA only: chunk is None only on a GPU (forced CSR); on CPU it is always set"),
     ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, device=None)", "CUDA only: on CPU None is the mask's device"),
     ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, ))", "CUDA only: on CPU the default is the mask's device"),
+    ("compress/selection.py", "choose", "max(layers, default=-2)",
+     "equivalent: only an empty layers list takes the default, and any negative one is below every layer count"),
+    *(("compress/selection.py", "choose", f'step.get("selection", {default})', SELECTION_DEFAULT)
+      for default in ("None", "", '"XXper_layerXX"', '"PER_LAYER"')),
+    *(("compress/selection.py", "choose", f'normalize=step.get("criterion", {default})', CRITERION_DEFAULT)
+      for default in ("None", "", '"XXl1XX"', '"L1"')),
     ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
      "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
      "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),

@@ -99,6 +99,8 @@ def test_choose_refuses_a_layer_beyond_the_model_naming_the_option():
     layered = scores([1.0, 2.0], [1.0, 2.0])
     assert choose(layered, {"method": "row_pruning", "ratio": 0.5, "layers": [1]}, 2) == [[0, 1], [1]]  # the last layer
     assert choose(layered, {"method": "row_pruning", "ratio": 0.5, "layers": []}, 2) == [[0, 1], [0, 1]]
+    # an empty list names no layer, so it is never "beyond" even a one-layer model
+    assert choose(scores([1.0, 2.0]), {"method": "row_pruning", "ratio": 0.5, "layers": []}, 1) == [[0, 1]]
 
 
 # -------------------------------------------------------------------------------------- scoring
