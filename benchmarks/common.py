@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
+from pathlib import Path
+
 import torch
 
 from upstream_compressed.model import HUBERT, LayerConfig, ModelConfig, SpeechTransformer
@@ -64,3 +69,47 @@ def machine() -> dict[str, object]:
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags],
             "torch_threads": torch.get_num_threads()}
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (DataLoader workers included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            for line in (Path("/proc") / str(current) / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def peak_tree_rss(command: list[str], env: dict[str, str]) -> tuple[int, float, str]:
+    """(peak resident bytes of the process tree, seconds, its stderr) of running ``command``."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while process.poll() is None:
+            peak = max(peak, tree_rss_bytes(process.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, err = process.communicate()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
+    return peak, time.perf_counter() - start, err

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import soundfile
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, peak_tree_rss  # noqa: E402
 
 RATE = 16000
 
@@ -51,50 +49,6 @@ def synthesise(root: Path, files: int, seconds: float, speakers: int = 40) -> Pa
     return root
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants (DataLoader workers included)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        todo += children.get(current, [])
-        try:
-            for line in (Path("/proc") / str(current) / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
-
-
-def peak_tree_rss(command: list[str], env: dict[str, str]) -> tuple[int, float]:
-    """(peak resident bytes of the process tree, seconds) of running ``command``."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-
-    def sample() -> None:
-        nonlocal peak
-        while process.poll() is None:
-            peak = max(peak, tree_rss_bytes(process.pid))
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    _, err = process.communicate()
-    sampler.join()
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{err[-3000:]}")
-    return peak, time.perf_counter() - start
-
-
 def recovery_peak(corpus: Path, work: Path, steps: int) -> tuple[float, float]:
     """(peak MiB, seconds) of head pruning + ``steps`` recovery steps on ``corpus`` with the tiny HuBERT."""
     recipe = work / f"recovery_{corpus.name}.yaml"
@@ -106,7 +60,7 @@ def recovery_peak(corpus: Path, work: Path, steps: int) -> tuple[float, float]:
     env = {**os.environ, "UPSTREAM_COMPRESSED_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "upstream_compressed.cli", "compress", str(recipe), "-o",
                str(work / f"{corpus.name}.safetensors")]
-    peak, seconds = peak_tree_rss(command, env)
+    peak, seconds, _ = peak_tree_rss(command, env)
     return peak / 2**20, seconds
 
 

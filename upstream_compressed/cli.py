@@ -31,7 +31,7 @@ The delta then runs as an S3PRL upstream:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from .compress import clean_work_dir, run_recipe
+    from .compress import clean_work_dir, limit_training_steps, run_recipe
     from .delta import write_delta
     from .recipe import load_recipe
 
@@ -39,6 +39,8 @@ def _compress(args: argparse.Namespace) -> int:
     if base is not None and Path(os.path.expandvars(base)).exists():
         base = str(Path(os.path.expandvars(base)).resolve())  # a path on the command line is relative to here
     recipe = load_recipe(args.recipe, base=base)
+    if args.limit_steps is not None:
+        recipe = limit_training_steps(recipe, args.limit_steps)
     work_dir = Path(args.work_dir or f"{args.output}.work")
     # A folder the user named that already existed is theirs: only compress's own files leave it.
     own_folder = args.work_dir is None or not work_dir.exists()
@@ -258,6 +260,13 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
                         "unpickling can run code from the file: only for files you trust)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upstream-compressed", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--work-dir", help="where recovery training keeps checkpoints so a killed run resumes "
                           "(default: OUTPUT.work). After success compress removes the files it wrote there "
                           "(and the folder, if it made it and nothing else is in it)")
+    compress.add_argument("--limit-steps", type=_positive_int, metavar="N",
+                          help="cut every training loop of the recipe to at most N steps (smoke-test a full recipe "
+                          "at its real shape in minutes; the delta's recipe records the cut)")
     compress.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     _add_trust_option(compress)
     compress.set_defaults(run=_compress)
@@ -375,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .audio.manifest import ManifestError
+    from .train.distill import TrainingError
     from .experiments import PlanError
     from .model.convert import CheckpointError
     from .model.trust import trusting
@@ -392,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with trusting(getattr(args, "trust_checkpoint", False), inherit=True):
             return args.run(args)
     except (DeltaError, RecipeError, CheckpointError, PlanError, ReportError, FileNotFoundError, ProfileError,
-            SubmissionError, ManifestError) as error:
+            SubmissionError, ManifestError, TrainingError) as error:
         print(f"upstream-compressed {args.command}: error: {error}", file=sys.stderr)
         return 2
 

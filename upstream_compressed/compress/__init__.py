@@ -6,6 +6,7 @@ Each technique lives in its own module here and registers a validator in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -146,6 +147,26 @@ def _recover(model: SpeechTransformer, structure: Structure, options: dict[str, 
                        description=f"{context.label} recovery", teacher_head=head,
                        origin=context.training_origin(model, structure))
     model.cpu().eval()
+
+
+def limit_training_steps(recipe: Recipe, limit: int) -> Recipe:
+    """``recipe`` with every training loop (distillation steps, recoveries) cut to at most ``limit`` steps.
+
+    For smoke runs of full-size recipes: the cut is written into the recipe itself, so the delta's
+    manifest says how little it trained and its work files can never pass for a full run's.
+    """
+    default = TrainOptions.__dataclass_fields__["steps"].default
+
+    def cut(options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "steps": min(int(options.get("steps", default)), limit)}
+
+    steps = []
+    for step in recipe.steps:
+        step = cut(step) if step["method"] in EXPENSIVE_METHODS else dict(step)
+        if isinstance(step.get("recovery"), dict):
+            step["recovery"] = cut(step["recovery"])
+        steps.append(step)
+    return dataclasses.replace(recipe, steps=steps)
 
 
 def _check_cluster_heads(recipe: Recipe, base: Converted) -> None:
