@@ -36,6 +36,7 @@ runs go in parallel (``jobs``), each in its own process with one CPU thread unle
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -96,6 +97,7 @@ class Plan:
     override_base: bool = False  # compress every recipe on ``base`` instead of the recipe's own base
 
 
+PLAN_FIELDS = {"corpus", "base", "pr_config", "sid_config", "models", "data", "override_base"}
 # What the downstreams read; a make-corpus folder provides all of them, `data:` can name each (real data).
 DATA_KEYS = ("librispeech", "lexicon", "vocab", "voxceleb1", "voxceleb1_split")
 TASK_DATA = {"pr": ("librispeech", "lexicon", "vocab"), "sid": ("voxceleb1", "voxceleb1_split")}
@@ -116,10 +118,21 @@ def load_plan(path: str | os.PathLike, corpus: str | os.PathLike | None = None) 
     """
     path = find_file(path, bundled_plan, PlanError)
     folder = path.resolve().parent
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise PlanError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise PlanError(f"{path}: expected a mapping with corpus, base, pr_config, sid_config and models")
-    given = data.get("data") or {}
+    unknown = set(data) - PLAN_FIELDS
+    if unknown:
+        raise PlanError(f"{path}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+                        f"known: {', '.join(sorted(PLAN_FIELDS))}")
+    if not isinstance(data.get("override_base", False), bool):
+        raise PlanError(f"{path}: override_base must be true or false, not {data['override_base']!r}")
+    if not isinstance(data.get("models") or [], list):
+        raise PlanError(f"{path}: 'models' must be a list of model entries, not {data['models']!r}")
+    given = {} if data.get("data") is None else data["data"]
     if not isinstance(given, dict) or set(given) - set(DATA_KEYS):
         raise PlanError(f"{path}: 'data' must map some of {', '.join(DATA_KEYS)} to paths")
     corpus_path = _corpus(path, folder, data.get("corpus"), corpus, complete_data=set(given) == set(DATA_KEYS))
@@ -143,7 +156,7 @@ def load_plan(path: str | os.PathLike, corpus: str | os.PathLike | None = None) 
     from .bases import KNOWN_BASES
     from .embedded import BUNDLED
 
-    base = file_or_name(str(data.get("base", "tiny_hubert")), folder, f"{path}: base", PlanError,
+    base = file_or_name(data.get("base", "tiny_hubert"), folder, f"{path}: base", PlanError,
                         {*KNOWN_BASES, *BUNDLED})
     return Plan(path, corpus_path, base, configs, models, paths, bool(data.get("override_base", False)))
 
@@ -169,10 +182,11 @@ def _model(entry: Any, index: int, path: Path, folder: Path) -> ModelSpec:
         raise PlanError(f"{where}: each model needs 'name' and 'method'")
     unknown = set(entry) - {f.name for f in ModelSpec.__dataclass_fields__.values()}
     if unknown:
-        raise PlanError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise PlanError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     spec = ModelSpec(**entry)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(spec.name)):
+    if not isinstance(spec.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name):
         raise PlanError(f"{where}: name {spec.name!r} must be unique and use letters, digits, '_', '.', '-'")
+    _check_model_types(spec, where)
     if spec.method in SPECIAL_METHODS and spec.recipe:
         raise PlanError(f"{where}: method {spec.method} takes no 'recipe'")
     if spec.method not in SPECIAL_METHODS:
@@ -186,6 +200,22 @@ def _model(entry: Any, index: int, path: Path, folder: Path) -> ModelSpec:
             raise PlanError(f"{where}: method checkpoint needs 'upstream' and 'ckpt'")
         spec = replace(spec, ckpt=str(resolve_path(spec.ckpt, folder, f"{where}.ckpt", PlanError, must_be="file")))
     return spec
+
+
+def _check_model_types(spec: ModelSpec, where: str) -> None:
+    """Each field of a models: entry has the type the stages use (text, or a finite number)."""
+    for name in ("method", "upstream", "recipe", "ckpt"):
+        value = getattr(spec, name)
+        if (value is not None or name == "method") and not isinstance(value, str):
+            raise PlanError(f"{where}.{name}: expected text, got {value!r}")
+    if not spec.method.strip():
+        raise PlanError(f"{where}.method: expected a method name, got {spec.method!r}")
+    for name in ("rate", "downstream_lr"):
+        value = getattr(spec, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is not None and (not number or value < 0 or (name == "downstream_lr" and value == 0)):
+            raise PlanError(f"{where}.{name}: expected a {'positive' if name == 'downstream_lr' else 'non-negative'} "
+                            f"number, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------- models

@@ -36,6 +36,7 @@ from .model.trust import TRUST_OPTION, trusting
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
 FAMILIES = ("hubert", "distilhubert", "melhubert")
+OPTION_NAMES = ("base", "mean_std", "sparse_execution", TRUST_OPTION)  # what a -g yaml may set
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
     "identity",
@@ -62,9 +63,20 @@ def _options(model_config: str | None) -> dict:
     path = Path(model_config)
     if not path.is_file():
         raise DeltaError(f"upstream options file (-g) {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise DeltaError(f"upstream options file (-g) {path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise DeltaError(f"upstream options file (-g) {path} must be a YAML mapping, e.g. `base: /path/to/base.pt`")
+    unknown = set(data) - set(OPTION_NAMES)
+    if unknown:  # a misspelt key would otherwise be ignored without a word
+        raise DeltaError(f"upstream options file (-g) {path}: unknown option(s) {sorted(map(str, unknown))}; "
+                         f"known: {list(OPTION_NAMES)}")
+    for name in ("base", "mean_std"):  # files; null means not given
+        value = data.get(name)
+        if value is not None and (not isinstance(value, str) or not Path(value).expanduser().is_file()):
+            raise DeltaError(f"upstream options file (-g) {path}: {name}: expected an existing file, got {value!r}")
     return data
 
 

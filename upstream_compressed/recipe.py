@@ -85,7 +85,7 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     unknown = set(data) - {"base", "steps", "mean_std"}
     if unknown:
         raise RecipeError(
-            f"{where}: unknown top-level field(s) {sorted(unknown)}; expected `base`, `steps` (and `mean_std`)"
+            f"{where}: unknown top-level field(s) {sorted(map(str, unknown))}; expected `base`, `steps` (and `mean_std`)"
         )
     mean_std = data.get("mean_std")
     if mean_std is not None and (not isinstance(mean_std, str) or not mean_std.strip()):
@@ -93,7 +93,8 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
     base = data.get("base")
     if not isinstance(base, str) or not base.strip():
         raise RecipeError(f"{where}: field `base` is missing; give a checkpoint path or a known name")
-    steps = data.get("steps") or []
+    steps = data.get("steps")
+    steps = [] if steps is None else steps  # `steps:` left empty: the identity
     if not isinstance(steps, list):
         raise RecipeError(f"{where}: field `steps` must be a list")
     for i, step in enumerate(steps):
@@ -101,7 +102,7 @@ def parse_recipe(data: Any, source: str | os.PathLike | None = None) -> Recipe:
         if not isinstance(step, dict) or "method" not in step:
             raise RecipeError(f"{here}: each step needs a `method` field")
         method = step["method"]
-        if method not in SHORT_NAMES:
+        if not isinstance(method, str) or method not in SHORT_NAMES:
             raise RecipeError(f"{here}.method: unknown method {method!r}; known: {sorted(SHORT_NAMES)}")
         if method not in STEP_VALIDATORS:
             raise RecipeError(f"{here}.method: {method!r} is not implemented in this version yet")

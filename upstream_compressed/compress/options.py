@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Iterable
 
 from ..recipe import RecipeError
 
 
+def names(keys: Iterable[Any]) -> list[str]:
+    """Keys as sorted text: YAML keys may be numbers or null, which ``sorted`` cannot compare with strings."""
+    return sorted(str(k) for k in keys)
+
+
 def check_keys(step: dict[str, Any], where: str, allowed: Iterable[str]) -> None:
     unknown = set(step) - set(allowed) - {"method", "recovery"}
     if unknown:
-        raise RecipeError(f"{where}: unknown option(s) {sorted(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
+        raise RecipeError(f"{where}: unknown option(s) {names(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
+
+
+def is_number(value: Any) -> bool:
+    """An int or float that is finite (YAML's .nan / .inf are refused); bools are not numbers here."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_number(options: dict[str, Any], where: str, name: str, *, integer: bool = False, zero_ok: bool = False,
+                 optional: bool = False) -> None:
+    """``options[name]``, when present: a finite number (an integer if ``integer``) > 0 (>= 0 if ``zero_ok``);
+    ``optional`` also allows null."""
+    if name not in options or (optional and options[name] is None):
+        return
+    value = options[name]
+    valid = (is_integer(value) if integer else is_number(value)) and (value >= 0 if zero_ok else value > 0)
+    if not valid:
+        sign = "non-negative" if zero_ok else "positive"
+        raise RecipeError(f"{where}.{name}: expected a {sign} {'integer' if integer else 'number'}, got {value!r}")
+
+
+def check_seed(options: dict[str, Any], where: str) -> None:
+    if "seed" in options and not is_integer(options["seed"]):
+        raise RecipeError(f"{where}.seed: expected an integer, got {options['seed']!r}")
 
 
 def check_choice(step: dict[str, Any], where: str, name: str, choices: Iterable[str], default: str) -> str:
     value = step.get(name, default)
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise RecipeError(f"{where}.{name}: {value!r} is not one of {sorted(choices)}")
     return value
 
@@ -27,7 +61,7 @@ def check_fraction(step: dict[str, Any], where: str, name: str, low: float, high
             raise RecipeError(f"{where}.{name} is missing ({meaning})")
         return None
     value = step[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise RecipeError(f"{where}.{name}: expected a number, got {value!r}")
     inside = low <= value <= high if include_high else low <= value < high
     if not inside:
@@ -53,7 +87,9 @@ def check_layers(step: dict[str, Any], where: str) -> list[int] | None:
 
 
 def check_audio(step: dict[str, Any], where: str, needed: bool) -> None:
-    if needed and not isinstance(step.get("audio"), str):
+    if not needed and "audio" in step and (not isinstance(step["audio"], str) or not step["audio"].strip()):
+        raise RecipeError(f"{where}.audio: expected a directory of .wav/.flac, got {step['audio']!r}")
+    if needed and (not isinstance(step.get("audio"), str) or not step["audio"].strip()):
         criterion = step.get("criterion", "data_driven")
         raise RecipeError(f"{where}.audio: the {criterion} criterion needs `audio: DIR` (a directory of .wav/.flac)")
 
@@ -68,18 +104,31 @@ def check_training_options(options: Any, where: str) -> None:
     """Options of a training run (recovery, or a distillation step): `audio` and TrainOptions fields."""
     from ..train.distill import TrainOptions
 
-    if not isinstance(options, dict) or not isinstance(options.get("audio"), str):
-        raise RecipeError(f"{where}: expected a mapping with at least `audio: DIR` (and e.g. `steps: 200`)")
-    try:
-        parsed = TrainOptions.from_dict(options)
-    except (TypeError, ValueError) as error:
-        raise RecipeError(f"{where}: {error}") from error
+    if not isinstance(options, dict) or not isinstance(options.get("audio"), str) or not options["audio"].strip():
+        got = f", got audio: {options.get('audio')!r}" if isinstance(options, dict) else f", got {options!r}"
+        raise RecipeError(f"{where}: expected a mapping with at least `audio: DIR` (and e.g. `steps: 200`){got}")
+    known = set(TrainOptions.__dataclass_fields__)
+    if set(options) - known:
+        raise RecipeError(f"{where}: unknown training option(s) {names(set(options) - known)}; known: {sorted(known)}")
     for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every"):
-        value = getattr(parsed, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise RecipeError(f"{where}.{name}: expected a positive integer, got {value!r}")
-    if isinstance(parsed.lr, bool) or not isinstance(parsed.lr, (int, float)) or parsed.lr <= 0:
-        raise RecipeError(f"{where}.lr: expected a positive number, got {parsed.lr!r}")
+        check_number(options, where, name, integer=True)
+    check_number(options, where, "warmup_steps", integer=True, zero_ok=True, optional=True)
+    for name in ("lr", "max_seconds", "clip_norm"):
+        check_number(options, where, name)
+    for name in ("weight_decay", "cosine_weight"):
+        check_number(options, where, name, zero_ok=True)
+    check_seed(options, where)
+    for name in ("freeze_front_end", "amp"):
+        if name in options and not isinstance(options[name], bool):
+            raise RecipeError(f"{where}.{name}: expected true or false, got {options[name]!r}")
+    device = options.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise RecipeError(f"{where}.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    pairs = options.get("pairs")
+    if pairs is not None and (not isinstance(pairs, list) or not pairs or not all(
+            isinstance(p, list) and len(p) == 2 and all(is_integer(i) and i >= 0 for i in p) for p in pairs)):
+        raise RecipeError(f"{where}.pairs: expected a non-empty list of [student_state, teacher_state] "
+                          f"index pairs (0-based), got {pairs!r}")
     check_objective(options, where)
 
 
@@ -94,8 +143,7 @@ def check_objective(options: dict[str, Any], where: str) -> str:
                 raise RecipeError(f"{where}.{name}: applies to objective hidden_states only; cluster_kl compares "
                                   "the cluster posteriors of the encoder outputs")
         temperature = options.get("logit_temperature")
-        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                        or temperature <= 0):
+        if temperature is not None and (not is_number(temperature) or temperature <= 0):
             raise RecipeError(f"{where}.logit_temperature: expected a positive number (HuBERT uses 0.1), "
                               f"got {temperature!r}")
     elif "logit_temperature" in options:
@@ -124,6 +172,8 @@ def check_pruning(step: dict[str, Any], where: str, what: str, criteria: tuple[s
     check_audio(step, where, criterion in DATA_CRITERIA)
     for name, default in (("max_utterances", 32), ("batch_size", 4), ("projections", 4)):
         check_positive_int(step, where, name, default)
+    check_number(step, where, "max_seconds")
+    check_seed(step, where)
 
 
 LINEAR_GROUPS = {"attention": ("q_proj", "k_proj", "v_proj", "out_proj"), "ffn": ("fc1", "fc2")}
@@ -146,5 +196,5 @@ def check_targets(step: dict[str, Any], where: str) -> None:
     if not isinstance(targets, list) or not targets:
         raise RecipeError(f"{where}.targets: expected a non-empty list such as [attention, ffn]")
     for target in targets:
-        if target not in LINEAR_GROUPS and target not in LINEAR_NAMES:
+        if not isinstance(target, str) or (target not in LINEAR_GROUPS and target not in LINEAR_NAMES):
             raise RecipeError(f"{where}.targets: unknown target {target!r}; use {sorted(LINEAR_GROUPS)} or {LINEAR_NAMES}")
