@@ -38,7 +38,7 @@ timeout 60 $CLI profile -u hubert_local -k upstream_compressed/embedded/checkpoi
 
 stamp "experiment ($(left) s left)"
 PLAN=recipes/tiny/plan.yaml
-run() { timeout "$(left)" $CLI experiment $PLAN --expdir result/tiny --device cuda "$@" 2>&1 \
+run() { timeout "$(left)" $CLI experiment $PLAN --corpus data/embedded_corpus --expdir result/tiny --device cuda "$@" 2>&1 \
         | tr '\r' '\n' | grep -E "^(done|FAILED)|rror"; }
 run --models kd,kd_head_lr,wp50,wp90 --jobs 8 &
 run --models heads50_diagonal_first,heads50_diagonal_last,heads50_l1,heads50_data_driven,heads50_random \

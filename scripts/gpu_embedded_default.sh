@@ -29,7 +29,7 @@ fi
 cp $CKPT ${CKPT%.pt}.json "$OUTDIR/"
 
 stamp "experiment"
-timeout "$LIMIT" $PY -m upstream_compressed.cli experiment recipes/tiny/plan.yaml --expdir result/tiny \
+timeout "$LIMIT" $PY -m upstream_compressed.cli experiment recipes/tiny/plan.yaml --corpus data/embedded_corpus --expdir result/tiny \
     --jobs 16 --device cuda 2>&1 | tr '\r' '\n' | grep -E "^(done|FAILED)|rror" | tee "$OUTDIR/experiment.log"
 stamp "pack"
 tar czf "$OUTDIR/results.tgz" --exclude='*.ckpt' --exclude='*.safetensors' --exclude='work' --exclude='voxceleb1_cache' result/tiny
