@@ -116,3 +116,20 @@ def test_a_checkpoint_from_other_work_is_not_resumed(tmp_path, hubert_ckpt, audi
     options = train_distillation(tiny_pair(hubert_ckpt)[0], teacher, quick_options(audio_dir, lr=1e-3), checkpoint,
                                  description="run", origin={"criterion": "random"})
     assert options.resumed_from == 0 and "options.lr: 0.01 -> 0.001" in capfd.readouterr().err
+
+
+def test_resuming_on_another_process_count_is_refused(tmp_path, hubert_ckpt, audio_dir):
+    """Each process takes its own slice of every step's batches, so 2 processes cannot continue a 1-process run."""
+    killed = run_worker(hubert_ckpt, audio_dir, tmp_path / "run.pt", tmp_path / "run", 6, "--kill-after=3", check=False)
+    assert killed.returncode == -9 and (tmp_path / "run.pt").is_file()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(WORKER), str(hubert_ckpt), str(audio_dir), str(tmp_path / "run.pt"), str(tmp_path / "ddp"), "6"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "was written by a run on 1 process(es) and this run has 2" in result.stderr
+    assert "Resume with the same count" in result.stderr
+    assert not (tmp_path / "ddp.rank0").exists()
+    # the same count still resumes
+    run_worker(hubert_ckpt, audio_dir, tmp_path / "run.pt", tmp_path / "run", 6)
+    assert torch.load(tmp_path / "run.rank0", weights_only=True)["resumed_from"] == 2
