@@ -17,7 +17,8 @@ def names(keys: Iterable[Any]) -> list[str]:
 def check_keys(step: dict[str, Any], where: str, allowed: Iterable[str]) -> None:
     unknown = set(step) - set(allowed) - {"method", "recovery"}
     if unknown:
-        raise RecipeError(f"{where}: unknown option(s) {names(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
+        raise RecipeError(
+            f"{where}: unknown option(s) {names(unknown)} for {step['method']}; allowed: {sorted(allowed)}")
 
 
 def is_number(value: Any) -> bool:
