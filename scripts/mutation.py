@@ -86,6 +86,9 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
       for default in ("None", "", '"XXper_layerXX"', '"PER_LAYER"')),
     *(("compress/selection.py", "choose", f'normalize=step.get("criterion", {default})', CRITERION_DEFAULT)
       for default in ("None", "", '"XXl1XX"', '"L1"')),
+    *(("delta.py", "_sparsity_summary", fragment, "the manifest's sparsity scope is prose for people (a test "
+       "checks it names the biases); its wording and case are not behaviour")
+      for fragment in ('"XXweights of the masked', "encoder linears listed", '"XXfront end,', '"FRONT END, THE')),
     ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
      "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
      "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),

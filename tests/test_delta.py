@@ -450,3 +450,32 @@ def test_a_self_contained_delta_is_built_without_any_base(written, hubert_ckpt, 
     expected, _ = run_model(apply_delta(delta, base), padded_batch)
     states, _ = run_model(alone, padded_batch)
     assert all(torch.equal(a, b) for a, b in zip(states, expected))
+
+
+def test_exporting_leaves_the_original_manifest_untouched(written, hubert_ckpt):
+    delta = read_delta(written)
+    original = json.loads(json.dumps(delta.manifest))
+    exported = delta_module.export_self_contained(delta, load_base(hubert_ckpt))
+    exported.manifest["structure"]["layers"].clear()
+    exported.manifest["base"]["name"] = "changed"
+    assert delta.manifest == original  # nested parts are copies, not shared
+
+
+def test_load_compressed_finds_melhubert_statistics_beside_the_delta_or_where_it_is_told(tmp_path):
+    from upstream_compressed.compress import run_recipe
+    from upstream_compressed.recipe import parse_recipe
+    from upstream_compressed.testing.checkpoints import make_melhubert_checkpoint
+
+    base = make_melhubert_checkpoint(tmp_path / "base" / "mel.ckpt")
+    made_with = base.parent / f"{base.stem}.mean-std.npy"
+    delta = run_recipe(parse_recipe({"base": str(base), "steps": []}), work_dir=tmp_path / "work")
+    path = write_delta(delta, tmp_path / "out" / "d.safetensors")
+    moved = tmp_path / "out" / made_with.name  # beside the delta, nowhere else
+    made_with.rename(moved)
+    model, _ = load_compressed(path, base)
+    assert model.config.fbank_stack == load_base(base, mean_std=moved).config.fbank_stack
+    elsewhere = tmp_path / "elsewhere.npy"
+    moved.rename(elsewhere)
+    with pytest.raises(DeltaError, match="cannot find the fbank mean/std file"):
+        load_compressed(path, base)
+    load_compressed(path, base, mean_std=elsewhere)  # told where: found and verified
