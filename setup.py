@@ -32,6 +32,7 @@ setup(
         "huggingface_hub<1.0",
         "transformers<5",
         "espeakng-loader",  # espeak-ng library + data for make-corpus
+        "submitit",  # experiment --launcher slurm
     ],
     extras_require={"dev": ["pytest", "hypothesis"]},
     entry_points={

@@ -65,7 +65,9 @@ def load_as_upstream(delta: Path) -> dict:
     """Run the delta through S3PRL's hub as `run_downstream.py -u compressed_local -k DELTA` would."""
     import torch
 
-    import upstream_compressed  # noqa: F401 - registers our upstreams into s3prl.hub
+    import upstream_compressed
+
+    upstream_compressed.register()  # our upstreams into s3prl.hub (and the shims importing it needs)
     import s3prl.hub
 
     upstream = getattr(s3prl.hub, "compressed_local")(ckpt=str(delta)).eval()

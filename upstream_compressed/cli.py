@@ -126,6 +126,7 @@ the plan's corpus (or --corpus) sets.
 
 def _experiment(args: argparse.Namespace) -> int:
     from .experiments import PlanError, load_plan, run_plan
+    from .launch import SlurmOptions
 
     tasks = [] if args.no_downstream else [t for t in args.tasks.split(",") if t]
     if (not tasks and not args.no_downstream) or any(t not in ("pr", "sid") for t in tasks):
@@ -137,6 +138,8 @@ def _experiment(args: argparse.Namespace) -> int:
             models=args.models.split(",") if args.models else None,
             steps={"pr": args.pr_steps, "sid": args.sid_steps}, progress=not args.quiet,
             profile_seconds=args.profile_seconds, profile_repeats=args.profile_repeats,
+            launcher=args.launcher, slurm=SlurmOptions(args.slurm_partition, args.slurm_gpus, args.slurm_time,
+                                                       args.slurm_mem, args.slurm_cpus, args.slurm_folder),
         )
     except RuntimeError as error:
         print(f"upstream-compressed experiment: {error}", file=sys.stderr)
@@ -315,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "of audio (CPU, one at a time, after training) into models/<model>/profile.json")
     experiment.add_argument("--profile-repeats", type=int, default=5, help="timed forwards per profile (default 5)")
     experiment.add_argument("--no-downstream", action="store_true", help="only make (and profile) the models")
+    experiment.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                            help="local (default): a pool of --jobs processes here; slurm: every compression and "
+                            "every downstream run is its own Slurm job (submitit), in the same resumable layout; "
+                            "submitit-local: the same jobs through submitit on this machine (to try it)")
+    experiment.add_argument("--slurm-partition", help="Slurm partition for the jobs")
+    experiment.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default 1)")
+    experiment.add_argument("--slurm-time", type=int, default=240, help="time limit per job, minutes (default 240)")
+    experiment.add_argument("--slurm-mem", type=int, default=32, help="memory per job, GB (default 32)")
+    experiment.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per job (default 8)")
+    experiment.add_argument("--slurm-folder", help="job scripts and logs (default EXPDIR/slurm)")
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_trust_option(experiment)
     experiment.set_defaults(run=_experiment)

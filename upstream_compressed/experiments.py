@@ -50,6 +50,7 @@ from typing import Any
 
 import yaml
 
+from .launch import SlurmOptions, make_launcher
 from .bundled import bundled_config, bundled_plan, bundled_recipe, file_or_name, find_file, resolve_path
 from .overrides import ctc_override, voxceleb1_override
 
@@ -415,20 +416,24 @@ def run_plan(
     progress: bool = True,
     profile_seconds: float | None = None,
     profile_repeats: int = 5,
+    launcher: str = "local",
+    slurm: SlurmOptions | None = None,
 ) -> list[dict[str, Any]]:
-    """Prepare every model and run its downstream tasks; ``jobs`` processes at a time."""
+    """Prepare every model and run its downstream tasks; ``jobs`` processes at a time, or each as a
+    Slurm job (``launcher``: :mod:`upstream_compressed.launch`)."""
     from tqdm import tqdm
 
     missing = [f"{k} {plan.data[k]}" for t in tasks for k in TASK_DATA[t] if not plan.data[k].exists()]
     if missing:
         hint = f"; make the corpus with `upstream-compressed make-corpus {plan.corpus}`" if plan.corpus else ""
         raise PlanError(f"{plan.path}: not found: {', '.join(missing)}{hint}")
-    env = {
-        **os.environ,
+    overrides = {
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         **({"CORPUS": str(plan.corpus)} if plan.corpus else {}),  # recipes may name audio as ${CORPUS}/...
     }
+    env = {**os.environ, **overrides}
+    runs, here = make_launcher(launcher, overrides, expdir, slurm), make_launcher("local", overrides, expdir)
     selected = [m for m in plan.models if models is None or m.name in models]
     if models is not None and len(selected) != len(set(models)):
         known = ", ".join(m.name for m in plan.models)
@@ -440,12 +445,18 @@ def run_plan(
     failures: list[str] = []
     bar = tqdm(total=len(selected) - len(prepared) + len(selected) * len(tasks), desc="runs", unit="run",
                disable=not progress)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=runs.concurrent(jobs)) as pool:
         pending: dict[Future, tuple[str, str]] = {}
+
+        def dispatch(name: str, done: Path, function: Any, *args: Any, **kwargs: Any) -> Future:
+            chosen = here if done.is_file() else runs  # kept work is read here, never queued on a cluster
+            return pool.submit(chosen.call, name, function, *args, **kwargs)
 
         def submit_downstream(model: dict[str, Any]) -> None:
             for t in tasks:
-                future = pool.submit(run_downstream, TASKS[t], model, plan, expdir, device, env, (steps or {}).get(t))
+                name = f"{TASKS[t].key}_{model['model']}"
+                future = dispatch(name, expdir / "downstream" / name / "result.json", run_downstream, TASKS[t], model,
+                                  plan, expdir, device, steps=(steps or {}).get(t))
                 pending[future] = ("downstream", f"{t}_{model['model']}")
 
         for model in prepared.values():
@@ -453,7 +464,9 @@ def run_plan(
         kept = {m.name for m in selected if (expdir / "models" / m.name / "model.json").is_file()}
         for spec in selected:
             if spec.method not in SPECIAL_METHODS:
-                pending[pool.submit(prepare_model, spec, plan, expdir, env)] = ("compress", spec.name)
+                done = expdir / "models" / spec.name / "model.json"
+                pending[dispatch(f"compress_{spec.name}", done, prepare_model, spec, plan, expdir)] = \
+                    ("compress", spec.name)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
