@@ -71,8 +71,25 @@ def machine() -> dict[str, object]:
             "torch_threads": torch.get_num_threads()}
 
 
+def _process_memory(pid: int) -> int:
+    """Proportional set size of one process (shared pages split among their users), else its RSS."""
+    base = Path("/proc") / str(pid)
+    for name, field in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            for line in (base / name).read_text().splitlines():
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return 0
+
+
 def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants (DataLoader workers included)."""
+    """Resident memory of ``pid`` and all its descendants (DataLoader workers included), as PSS.
+
+    Forked workers share most of their pages with the parent; summing their RSS would count those
+    pages once per worker, PSS counts each page once in all.
+    """
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -85,12 +102,7 @@ def tree_rss_bytes(pid: int) -> int:
     while todo:
         current = todo.pop()
         todo += children.get(current, [])
-        try:
-            for line in (Path("/proc") / str(current) / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        total += _process_memory(current)
     return total
 
 

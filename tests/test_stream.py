@@ -107,3 +107,31 @@ def test_the_loader_leaves_the_training_random_stream_alone(corpus):
     for workers in (0, 1):
         list(batch_loader(corpus, plan, 0, 2, num_workers=workers))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"seconds_per_batch": 2.0, "max_seconds": 4.0}, r"seconds_per_batch: 2.0 is less than max_seconds 4.0"),
+    ({"seconds_per_batch": 20.0, "batch_size": 4}, "not both"),
+    ({"num_workers": -1}, r"num_workers: expected a non-negative integer"),
+    ({"seconds_per_batch": "8 s"}, r"seconds_per_batch: expected a positive number"),
+])
+def test_recipes_with_batch_rules_that_cannot_work_are_refused_naming_the_field(options, message):
+    from upstream_compressed.compress.options import check_training_options
+    from upstream_compressed.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        check_training_options({"audio": "corpus", **options}, "steps[0].recovery")
+
+
+def test_recovery_trains_on_seconds_per_batch_batches(tmp_path, hubert_ckpt, audio_dir, capfd):
+    import yaml
+
+    from upstream_compressed.cli import main
+
+    recovery = {"audio": str(audio_dir), "steps": 3, "seconds_per_batch": 2.0, "max_seconds": 1.0, "num_workers": 1,
+                "device": "cpu"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(hubert_ckpt), "steps": [
+        {"method": "head_pruning", "ratio": 0.5, "criterion": "l1", "recovery": recovery}]}))
+    assert main(["compress", str(recipe), "-o", str(tmp_path / "d.safetensors")]) == 0
+    assert "training: step 0 recovery done steps=3" in capfd.readouterr().err

@@ -118,6 +118,14 @@ def check_training_options(options: Any, where: str) -> None:
         check_number(options, where, name)
     for name in ("weight_decay", "cosine_weight"):
         check_number(options, where, name, zero_ok=True)
+    check_number(options, where, "num_workers", integer=True, zero_ok=True, optional=True)
+    check_number(options, where, "seconds_per_batch", optional=True)
+    per_batch, longest = options.get("seconds_per_batch"), options.get("max_seconds", 4.0)
+    if per_batch is not None and "batch_size" in options:
+        raise RecipeError(f"{where}: give batch_size (files per batch) or seconds_per_batch (audio per batch), not both")
+    if per_batch is not None and per_batch < longest:
+        raise RecipeError(f"{where}.seconds_per_batch: {per_batch} is less than max_seconds {longest}, so the "
+                          "longest files would fit no batch")
     check_seed(options, where)
     for name in ("freeze_front_end", "amp"):
         if name in options and not isinstance(options[name], bool):
