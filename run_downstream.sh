@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+usage() { awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
 
 Options:
   --plan FILE          experiment plan (default recipes/quick/plan.yaml; see upstream_compressed/experiments.py)
@@ -32,11 +32,16 @@ Options:
   --stages LIST        corpus,experiment,profile,report,submission (default all)
   --submit MODEL       the model the submission stage packages (default base)
   --profile-seconds S  audio length for the profile (default 10)
+  --launcher KIND      local (default): --jobs processes here; slurm: every compression and downstream
+                       run is its own Slurm job (submitit); submitit-local: the same jobs on this machine
+  --slurm-partition P  --slurm-gpus N  --slurm-time MIN  --slurm-mem GB  --slurm-cpus N
+                       per-job resources with --launcher slurm (defaults: 1 GPU, 240 min, 32 GB, 8 CPUs)
   --force              delete EXPDIR first
 EOF
 }
 
 PLAN="" EXPDIR="" CORPUS=data/embedded_corpus LIBRISPEECH="" LEXICON="" VOXCELEB1="" VOX_SPLIT=""
+LAUNCH_ARGS=()
 BASE="" RECIPES="" MODELS="" JOBS=2 DEVICE=cpu STAGES=corpus,experiment,profile,report,submission SECONDS_AUDIO=10 FORCE=0 SUBMIT=base
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,6 +60,8 @@ while [ $# -gt 0 ]; do
     --stages) STAGES=$2; shift 2 ;;
     --submit) SUBMIT=$2; shift 2 ;;
     --profile-seconds) SECONDS_AUDIO=$2; shift 2 ;;
+    --launcher) LAUNCH_ARGS+=(--launcher "$2"); shift 2 ;;
+    --slurm-partition|--slurm-gpus|--slurm-time|--slurm-mem|--slurm-cpus) LAUNCH_ARGS+=("$1" "$2"); shift 2 ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_downstream.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -130,7 +137,8 @@ fi
 [ -z "$MODELS" ] || PLAN_ARGS+=(--models "$MODELS")
 if has_stage experiment; then
   stamp "experiment: $PLAN -> $EXPDIR (compress, then PR/SID train and test; $JOBS at a time on $DEVICE)"
-  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${PLAN_ARGS[@]}"
+  "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${PLAN_ARGS[@]}" \
+      ${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"}
 fi
 if has_stage profile; then
   stamp "profile: every model on $SECONDS_AUDIO s of audio, CPU, one at a time"
