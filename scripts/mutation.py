@@ -89,6 +89,18 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     *(("delta.py", "_sparsity_summary", fragment, "the manifest's sparsity scope is prose for people (a test "
        "checks it names the biases); its wording and case are not behaviour")
       for fragment in ('"XXweights of the masked', "encoder linears listed", '"XXfront end,', '"FRONT END, THE')),
+    ("compress/importance.py", "_gate_hooks", "requires_grad=True, device=None)", "CUDA only: on CPU None is the model's device"),
+    ("compress/importance.py", "_gate_hooks", "requires_grad=True, )", "CUDA only: on CPU the default is the model's device"),
+    ("compress/importance.py", "_gate_hooks", "return (x / gate.repeat_interleave(group),)",
+     "equivalent: at gate 1, x / gate has derivative -x where x * gate has x; the score squares the gradient"),
+    ("compress/importance.py", "data_driven_scores", "p.requires_grad_(True)",
+     "equivalent in results: only the gates' gradients are asked for; frozen weights just save memory"),
+    ("compress/importance.py", "data_driven_scores", "count = 1",
+     "changes only the common scale, sqrt(n / (n + 1)) for every score: per-layer rankings and the per-layer "
+     "L2-normalised global order are the same (killable only by a statistical test of the magnitude)"),
+    *(("compress/importance.py", "data_driven_scores", fragment, "the progress bar's text and persistence, not results")
+      for fragment in ("tqdm(batches, desc=None,", "leave=None)", "tqdm(batches, unit=", 'kind}", leave=False)',
+                       'unit="batch", )', 'unit="XXbatchXX"', 'unit="BATCH"', "leave=True)")),
     ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
      "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
      "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),
@@ -216,9 +228,12 @@ def exit_codes_of(copy: Path, module: str) -> dict[str, int | None]:
 
 
 def run_module(python: Path, work: Path, module: str, show: bool, added_tests: list[str], rev: str | None,
-               again: bool, time_limit: float | None) -> dict[str, int]:
+               again: bool, time_limit: float | None, report_only: bool = False) -> dict[str, int]:
     copy = work / (module.replace("/", "_").removesuffix(".py") + (f"@{rev}" if rev else ""))
-    if again:
+    if report_only:
+        if not (copy / "setup.cfg").exists():
+            sys.exit(f"--report needs an earlier run in {copy}")
+    elif again:
         # Same copy, same mutants, same config; only the added tests come in from the working tree. Kills
         # stand (tests are only added), every other mutant is tried again, new tests found by mutmut itself.
         if not (copy / "setup.cfg").exists():
@@ -277,6 +292,7 @@ def main() -> None:
     parser.add_argument("--again", action="store_true",
                         help="reuse the last run's copy and retry only the mutants it did not kill, with the "
                              "--added-tests (the 'after' count of a 'before' run)")
+    parser.add_argument("--report", action="store_true", help="only count the last run's results again")
     parser.add_argument("--time-limit", type=float, help="stop each module's mutmut run after this many seconds")
     parser.add_argument("--show-survivors", action="store_true", help="print explained survivors' diffs too")
     args = parser.parse_args()
@@ -286,7 +302,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a kill also stops mutmut's process group
     python = tool_python(args.tool_venv)
     results = {module: run_module(python, args.work, module, args.show_survivors, args.added_tests, args.rev,
-                                  args.again, args.time_limit) for module in args.modules}
+                                  args.again, args.time_limit, args.report) for module in args.modules}
     print(json.dumps({"mutmut": MUTMUT_VERSION, "rev": args.rev or "working tree", "modules": results}, sort_keys=True))
     sys.exit(1 if any(r["unexplained"] or r["not_checked"] for r in results.values()) else 0)
 

@@ -282,3 +282,18 @@ def test_the_documented_defaults_are_32_utterances_of_8_s_in_batches_of_4_with_4
     default = data_driven_scores(copy.deepcopy(hubert), kind, str(long_audio_dir))
     explicit = data_driven_scores(copy.deepcopy(hubert), kind, str(long_audio_dir), 32, 8.0, 4, 4, 0)
     assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+
+
+def test_scores_see_only_the_first_max_seconds_and_the_seeds_sample_of_the_files(hubert, audio_dir, tmp_path):
+    import soundfile
+
+    files = sample_audio(audio_dir, 3, seed=1)
+    assert files != sample_audio(audio_dir, 3, seed=0)  # the seed matters for this corpus
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in files:  # just the seed's sample, each cut to its first 0.5 s
+        soundfile.write(cut / f"{f.stem}.wav", load_audio(f, 0.5).numpy(), 16000, subtype="FLOAT")
+    for kind in ("heads", "units"):
+        sampled = data_driven_scores(copy.deepcopy(hubert), kind, str(audio_dir), 3, 0.5, 2, 2, seed=1)
+        alone = data_driven_scores(copy.deepcopy(hubert), kind, str(cut), 3, 30.0, 2, 2, seed=1)
+        assert all(torch.equal(a, b) for a, b in zip(sampled, alone))
