@@ -101,6 +101,13 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     *(("compress/importance.py", "data_driven_scores", fragment, "the progress bar's text and persistence, not results")
       for fragment in ("tqdm(batches, desc=None,", "leave=None)", "tqdm(batches, unit=", 'kind}", leave=False)',
                        'unit="batch", )', 'unit="XXbatchXX"', 'unit="BATCH"', "leave=True)")),
+    *(("train/data.py", "AudioBatches.epoch_order", fragment,
+       "equivalent: the order needs only a seed that differs between (seed, epoch) pairs; tests check that")
+      for fragment in ("self.seed * 100_003 - epoch", "self.seed / 100_003 + epoch", "self.seed * 100004 + epoch")),
+    ("train/data.py", "AudioBatches.epoch_order", "pool = self.batch_size * 9",
+     "a tuning choice (padding against randomness): any pool of whole batches gives full, shuffled epochs"),
+    ("train/data.py", "AudioBatches.epoch_order", "or batches[:2]",
+     "equivalent: the fallback applies only when no batch is full, i.e. fewer files than a batch: one batch"),
     ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
      "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
      "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),
