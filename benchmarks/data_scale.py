@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def recovery_peak(corpus: Path, work: Path, steps: int) -> tuple[float, float]:
 
 def startup(corpus: Path, cache: Path) -> tuple[float, float]:
     """(cold, warm) seconds to turn ``corpus`` into a manifest: scanning headers, then from the cache."""
+    shutil.rmtree(cache, ignore_errors=True)  # the benchmark's own cache folder: cold means no manifest yet
     os.environ["UPSTREAM_COMPRESSED_CACHE"] = str(cache)
     from upstream_compressed.audio.manifest import load_corpus
 

@@ -13,6 +13,7 @@ per training step (the whole step: teacher forward, student forward and backward
 and the delta's parameter count. Last line: one JSON object.
 
   python benchmarks/full_recipes.py [--recipes heads50,rows50] [--workdir DIR]   # trains on CUDA when there is one
+  python benchmarks/full_recipes.py --recipes kd --limit-steps 20 --train-option amp=false --train-option num_workers=0
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, peak_tree_rss  # noqa: E402
@@ -46,13 +49,29 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return base, corpus
 
 
-def run_recipe(recipe: Path, base: Path, corpus: Path, work: Path) -> dict:
-    """Compress ``recipe`` with one step per training loop; its peak memory, times and delta."""
+def with_training_options(recipe: Path, overrides: dict, work: Path) -> Path:
+    """A copy of ``recipe`` whose every training loop also gets ``overrides`` (e.g. amp: false)."""
+    if not overrides:
+        return recipe
+    data = yaml.safe_load(recipe.read_text())
+    for step in data["steps"]:
+        if step["method"] == "distillation":
+            step.update(overrides)
+        if isinstance(step.get("recovery"), dict):
+            step["recovery"].update(overrides)
+    copy = work / "recipes" / recipe.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def run_recipe(recipe: Path, base: Path, corpus: Path, work: Path, limit: int) -> dict:
+    """Compress ``recipe`` with ``limit`` steps per training loop; its peak memory, times and delta."""
     output = work / f"{recipe.stem}.safetensors"
     output.unlink(missing_ok=True)
     env = {**os.environ, "LIBRISPEECH": str(corpus), "UPSTREAM_COMPRESSED_CACHE": str(work / "cache")}
     command = [sys.executable, "-m", "upstream_compressed.cli", "compress", str(recipe), "--base", str(base),
-               "--limit-steps", "1", "-o", str(output), "--work-dir", str(work / f"{recipe.stem}.work")]
+               "--limit-steps", str(limit), "-o", str(output), "--work-dir", str(work / f"{recipe.stem}.work")]
     peak, seconds, stderr = peak_tree_rss(command, env)
     loops = [m.groupdict() for m in TRAINING_DONE.finditer(stderr)]
     step_seconds = [float(m["seconds"]) / max(1, int(m["steps"])) for m in loops]
@@ -81,6 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/full_recipes", help="base, corpus and deltas go here (kept)")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: every recipes/full/*.yaml)")
+    parser.add_argument("--limit-steps", type=int, default=1, help="training steps per loop (default 1)")
+    parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a training option in every loop (YAML value), e.g. amp=false or num_workers=0")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -88,16 +110,18 @@ def main() -> None:
     started = time.perf_counter()
     base, corpus = prepare(work)
     print(f"base and corpus ready in {time.perf_counter() - started:.0f} s: {base}, {corpus}", flush=True)
+    overrides = {key: yaml.safe_load(value) for key, value in (o.split("=", 1) for o in args.train_option)}
     names = args.recipes.split(",") if args.recipes else sorted(p.stem for p in RECIPES.glob("*.yaml"))
     results = []
     for name in names:
-        result = run_recipe(RECIPES / f"{name}.yaml", base, corpus, work)
+        recipe = with_training_options(RECIPES / f"{name}.yaml", overrides, work)
+        result = run_recipe(recipe, base, corpus, work, args.limit_steps)
         result.update(load_as_upstream(result.pop("delta")))
         results.append(result)
         print(f"{name:<12} peak {result['peak_mib']:>7.0f} MiB  {result['seconds']:>6.1f} s  "
               f"s/step per loop {result['seconds_per_step']}  -> {result['params_m']} M params as an upstream, "
               f"{result['hidden_states']} hidden states", flush=True)
-    print(json.dumps({"recipes": results, **machine()}))
+    print(json.dumps({"recipes": results, "limit_steps": args.limit_steps, "train_options": overrides, **machine()}))
 
 
 if __name__ == "__main__":
