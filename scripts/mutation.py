@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mutation testing of the modules whose bugs would silently corrupt a compressed model (not run in CI).
 
-Runs mutmut over delta.py, compress/selection.py, model/sparse.py, train/data.py and
+Runs mutmut over delta.py, compress/selection.py, model/sparse.py, train/stream.py and
 compress/importance.py, each with only the test files that exercise it directly (:data:`MODULES`;
 the end-to-end ``compress`` tests are left out: tens of seconds per mutant), and prints per module
 how many mutants were killed, survived, timed out or ended otherwise (``other``: mostly code no
@@ -51,7 +51,8 @@ PACKAGE = "upstream_compressed"
 MODULES: dict[str, list[str]] = {
     "model/sparse.py": ["tests/test_sparse.py", "tests/test_weight_pruning.py"],
     "compress/selection.py": ["tests/test_selection.py", "tests/test_head_analysis.py"],
-    "train/data.py": ["tests/test_train_data.py", "tests/test_distillation.py"],
+    # train/data.py (the in-memory batches) was replaced by train/stream.py (streamed batches, issue 15)
+    "train/stream.py": ["tests/test_stream.py", "tests/test_train.py"],
     "delta.py": ["tests/test_delta.py", "tests/test_weight_pruning.py", "tests/test_export.py"],
     "compress/importance.py": ["tests/test_importance.py", "tests/test_head_analysis.py"],
 }
@@ -101,20 +102,6 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     *(("compress/importance.py", "data_driven_scores", fragment, "the progress bar's text and persistence, not results")
       for fragment in ("tqdm(batches, desc=None,", "leave=None)", "tqdm(batches, unit=", 'kind}", leave=False)',
                        'unit="batch", )', 'unit="XXbatchXX"', 'unit="BATCH"', "leave=True)")),
-    *(("train/data.py", "AudioBatches.epoch_order", fragment,
-       "equivalent: the order needs only a seed that differs between (seed, epoch) pairs; tests check that")
-      for fragment in ("self.seed * 100_003 - epoch", "self.seed / 100_003 + epoch", "self.seed * 100004 + epoch")),
-    ("train/data.py", "AudioBatches.epoch_order", "pool = self.batch_size * 9",
-     "a tuning choice (padding against randomness): any pool of whole batches gives full, shuffled epochs"),
-    ("train/data.py", "AudioBatches.epoch_order", "or batches[:2]",
-     "equivalent: the fallback applies only when no batch is full, i.e. fewer files than a batch: one batch"),
-    ("train/data.py", "AudioBatches.batch", "i)) | 0xFFFFFFFF)",
-     "equivalent: the crop seed only has to be a fixed function of (seed, epoch, file) that differs between "
-     "them; OR-ing the low 32 bits to ones keeps the varying high bits (tests check crops differ by epoch/seed)"),
-    ("train/data.py", "AudioBatches.__init__", "min_seconds: float = ",
-     "min_samples is stored and never read (issue 21 removes it)"),
-    ("train/data.py", "AudioBatches.__init__", "self.min_samples =",
-     "min_samples is stored and never read (issue 21 removes it)"),
 ]
 
 # mutmut's exit codes (mutmut.stats.status_by_exit_code) folded into the four reported classes
@@ -195,7 +182,7 @@ def mutant_diff(python: Path, copy: Path, name: str) -> str:
 
 
 def explanation(module: str, name: str, diff: str) -> str | None:
-    # upstream_compressed.train.data.xǁAudioBatchesǁ__init____mutmut_7 -> AudioBatches.__init__
+    # upstream_compressed.train.stream.xǁBatchPlanǁ_plan__mutmut_7 -> BatchPlan._plan
     function = re.sub(r"__mutmut_\d+$", "", name.rsplit(".", 1)[-1])
     function = re.sub(r"^x[_ǁ]", "", function).replace("ǁ", ".")
     added = "\n".join(line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))

@@ -118,11 +118,13 @@ def test_scan_refuses_a_missing_or_empty_folder(tmp_path):
 
 def test_every_audio_option_takes_a_manifest_as_well_as_a_folder(corpus, tmp_path):
     from upstream_compressed.audio import list_audio
-    from upstream_compressed.train.data import AudioBatches
+    from upstream_compressed.audio.manifest import load_corpus
+    from upstream_compressed.train.stream import BatchPlan, BatchRule, batch_loader
 
     out = tmp_path / "two.tsv"
     out.write_text(f"{corpus}\n19/198/19-198-0002.flac\t24000\n26/496/26-496-0001.wav\t8000\n")
     assert list_audio(out) == [corpus / "19/198/19-198-0002.flac", corpus / "26/496/26-496-0001.wav"]
     assert len(list_audio(corpus)) == 3
-    batches = AudioBatches(out, batch_size=2, max_seconds=1.0, seed=0)
-    assert sorted(batches.batch(0).lengths.tolist()) == [8000, 16000]
+    manifest = load_corpus(out)
+    (batch,) = batch_loader(manifest, BatchPlan(manifest.num_samples, BatchRule(2, None, 1.0), 0), 0, 1, num_workers=0)
+    assert sorted(batch.lengths.tolist()) == [8000, 16000]

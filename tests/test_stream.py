@@ -135,3 +135,19 @@ def test_recovery_trains_on_seconds_per_batch_batches(tmp_path, hubert_ckpt, aud
         {"method": "head_pruning", "ratio": 0.5, "criterion": "l1", "recovery": recovery}]}))
     assert main(["compress", str(recipe), "-o", str(tmp_path / "d.safetensors")]) == 0
     assert "training: step 0 recovery done steps=3" in capfd.readouterr().err
+
+
+def test_a_crop_is_one_stretch_of_its_file_decoded_alone(tmp_path):
+    """Only the crop is decoded (the start comes from the manifest's length); it is a contiguous part of the file."""
+    ramp = (np.arange(48000) % 30000 / 30000 - 0.5).astype(np.float32)
+    soundfile.write(str(tmp_path / "ramp.wav"), ramp, RATE, subtype="FLOAT")
+    manifest = scan(tmp_path, progress=False)
+    plan = BatchPlan(manifest.num_samples, BatchRule(batch_size=1, max_seconds=0.5), seed=4)
+    crops = [batch.wavs[0].numpy() for batch in batch_loader(manifest, plan, 0, 3, num_workers=0)]
+    starts = []
+    for crop in crops:
+        assert crop.shape == (8000,)
+        start = int(np.flatnonzero(ramp == crop[0])[0])
+        assert np.array_equal(ramp[start:start + 8000], crop)
+        starts.append(start)
+    assert len(set(starts)) > 1, "each epoch crops elsewhere"

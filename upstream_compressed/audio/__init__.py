@@ -47,6 +47,20 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> tor
     import soundfile
 
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return _mono_16k(data, rate, max_seconds)
+
+
+def load_segment(path: str | os.PathLike, start: int, samples: int) -> torch.Tensor:
+    """``samples`` samples of a 16 kHz file from ``start`` on, decoding only that part (a crop of a long file)."""
+    import soundfile
+
+    data, rate = soundfile.read(str(path), start=start, frames=samples, dtype="float32", always_2d=True)
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{path} is {rate} Hz; a segment is read only from 16 kHz audio (make a manifest)")
+    return _mono_16k(data, rate, None)
+
+
+def _mono_16k(data, rate: int, max_seconds: float | None) -> torch.Tensor:
     wav = torch.from_numpy(data.mean(axis=1))
     if rate != SAMPLE_RATE:
         import torchaudio.functional

@@ -23,7 +23,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..audio import SAMPLE_RATE, load_audio
+from ..audio import SAMPLE_RATE, load_segment
 from ..audio.manifest import Manifest
 
 POOL_BATCHES = 8  # files are sorted by length within pools of this many batches: little padding, still random
@@ -146,22 +146,23 @@ class CroppedAudio(Dataset):
 
     def __init__(self, manifest: Manifest, max_samples: int, seed: int) -> None:
         self.root, self.files, self.max_samples, self.seed = manifest.root, manifest.files, max_samples, seed
+        self.num_samples = manifest.num_samples
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]) -> Item:
         epoch, index = key
-        path = str(self.root / self.files[index])
+        path, length = str(self.root / self.files[index]), self.num_samples[index]
+        # The crop's start follows from the manifest's length, so only the crop is decoded.
+        start = random.Random(f"{self.seed}:{epoch}:{index}").randrange(length - self.max_samples) \
+            if length > self.max_samples else 0
         try:
-            wav = load_audio(path)
+            wav = load_segment(path, start, min(length, self.max_samples))
         except Exception as error:  # noqa: BLE001 - a file that fails to decode is skipped, never a traceback
             return Item(None, path, f"{type(error).__name__}: {error}")
         if wav.numel() == 0:
             return Item(None, path, "no samples")
-        if wav.numel() > self.max_samples:
-            start = random.Random(f"{self.seed}:{epoch}:{index}").randrange(wav.numel() - self.max_samples)
-            wav = wav[start:start + self.max_samples]
         return Item(wav, path)
 
 
