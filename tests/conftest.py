@@ -48,3 +48,16 @@ def audio_dir(tmp_path_factory):
         wav = 0.3 * np.sin(2 * np.pi * (100 + 30 * i) * t * (1 + 0.1 * np.sin(3 * t))) + 0.02 * rng.standard_normal(len(t))
         soundfile.write(directory / f"u{i}.{'flac' if i % 2 else 'wav'}", wav.astype(np.float32), 16000)
     return directory
+
+
+@pytest.fixture(scope="session")
+def long_audio_dir(tmp_path_factory):
+    """33 utterances, two of them 8.5 s long: more files than 32 and longer than 8 s, so both of the
+    data-driven criteria's defaults bite (a sample of 32 leaves out at most one of the long ones)."""
+    directory = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(33):
+        seconds = 8.5 if i < 2 else 0.2 + 0.05 * (i % 5)
+        wav = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+        soundfile.write(directory / f"u{i:02d}.wav", wav, 16000)
+    return directory

@@ -260,22 +260,6 @@ def test_a_layer_with_nothing_left_scores_empty_and_the_others_still_score(huber
     assert second.numel() == (4 if kind == "heads" else 128) and bool((second > 0).all())
 
 
-@pytest.fixture(scope="module")
-def long_audio_dir(tmp_path_factory):
-    """33 utterances, two of them 8.5 s long: more than 32 files and longer than 8 s, so both defaults matter
-    (a sample of 32 leaves out at most one of the long ones)."""
-    import numpy as np
-    import soundfile
-
-    directory = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(3)
-    for i in range(33):
-        seconds = 8.5 if i < 2 else 0.2 + 0.05 * (i % 5)
-        wav = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
-        soundfile.write(directory / f"u{i:02d}.wav", wav, 16000)
-    return directory
-
-
 @pytest.mark.parametrize("kind", ["heads", "units"])
 def test_the_documented_defaults_are_32_utterances_of_8_s_in_batches_of_4_with_4_projections(hubert, long_audio_dir,
                                                                                               kind):

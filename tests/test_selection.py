@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from upstream_compressed.compress.diagonality import DEFAULT_BAND, diagonality_scores
@@ -116,19 +114,6 @@ def test_random_scores_are_uniform_per_layer_and_reproducible_by_seed():
 def tiny_model(hubert_ckpt):
     base = load_base(hubert_ckpt)
     return SpeechTransformer.from_state_dict(base.config, base.state_dict)
-
-
-@pytest.fixture(scope="module")
-def long_audio_dir(tmp_path_factory):
-    """33 utterances, two of them 8.5 s long: more files than 32 and longer than 8 s, so both defaults bite
-    (a sample of 32 leaves out at most one of the long ones)."""
-    directory = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(3)
-    for i in range(33):
-        seconds = 8.5 if i < 2 else 0.2 + 0.05 * (i % 5)
-        soundfile.write(directory / f"u{i:02d}.wav", (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32),
-                        16000)
-    return directory
 
 
 def l1_marker(model: SpeechTransformer) -> list[torch.Tensor]:

@@ -45,7 +45,7 @@ def pruned(ckpt, *steps: dict) -> tuple[SpeechTransformer, Structure, object]:
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
     structure = Structure.identity(base.config)
     for i, step in enumerate(steps):
-        model, structure = STEPS[step["method"]](model, structure, step, StepContext(base, Path("."), i))
+        model, structure = STEPS[step["method"]](model, structure, step, StepContext(base, Path("."), i, origin={}))
     return model.eval(), structure, base
 
 
