@@ -9,7 +9,7 @@ side by side in one run:
 - throughput: batches per second of the training loader with 0 workers and with the default workers.
 The last line is one JSON object.
 
-  python benchmarks/data_scale.py [--quick] [--workdir /tmp/data_scale]
+  python benchmarks/data_scale.py [--quick] [--workdir /tmp/data_scale] [--threads 1]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def recovery_peak(corpus: Path, work: Path, steps: int) -> tuple[float, float]:
         "recovery": {"audio": str(corpus), "steps": steps, "batch_size": 4, "max_seconds": 4.0,
                      "checkpoint_every": 10_000},
     }]}))
-    env = {**os.environ, "UPSTREAM_COMPRESSED_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "UPSTREAM_COMPRESSED_CACHE": str(work / "cache")}
     command = [sys.executable, "-m", "upstream_compressed.cli", "compress", str(recipe), "-o",
                str(work / f"{corpus.name}.safetensors")]
     peak, seconds, _ = peak_tree_rss(command, env)
@@ -101,7 +101,13 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/data_scale", help="corpora are synthesised (and kept) here")
     parser.add_argument("--quick", action="store_true", help="smaller corpora (1k/2k/4k files; 0.5 h and 1 h)")
     parser.add_argument("--recovery-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, help="torch threads here and in the recovery run (default: torch's, every core)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the recovery run's torch reads it
     from upstream_compressed.train.stream import default_workers
 
     work = Path(args.workdir)

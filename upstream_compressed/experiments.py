@@ -50,8 +50,9 @@ from typing import Any
 
 import yaml
 
-from .launch import SlurmOptions, make_launcher
 from .bundled import bundled_config, bundled_plan, bundled_recipe, file_or_name, find_file, resolve_path
+from .files import read_yaml
+from .launch import SlurmOptions, make_launcher
 from .overrides import ctc_override, voxceleb1_override
 
 # Models without a recipe; any other method is a label (the report draws one line per label) on a recipe.
@@ -119,10 +120,7 @@ def load_plan(path: str | os.PathLike, corpus: str | os.PathLike | None = None) 
     """
     path = find_file(path, bundled_plan, PlanError)
     folder = path.resolve().parent
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise PlanError(f"{path} is not valid YAML: {error}") from error
+    data = read_yaml(path, PlanError, str(path)) or {}
     if not isinstance(data, dict):
         raise PlanError(f"{path}: expected a mapping with corpus, base, pr_config, sid_config and models")
     unknown = set(data) - PLAN_FIELDS

@@ -1,4 +1,4 @@
-"""Atomic file writes with the permissions a plain ``open()`` would give.
+"""The tool's own files: atomic writes with the permissions a plain ``open()`` would give, and YAML reads.
 
 Every file this tool writes goes through here: a temporary file beside the target, flushed and
 fsynced, then renamed, so a reader (or a run killed half-way) never sees half a file. ``mkstemp``
@@ -13,8 +13,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
-
-import torch
 
 
 def current_umask() -> int:
@@ -59,4 +57,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` straight into the temporary file (no second copy of a large checkpoint in memory)."""
+    import torch
+
     return atomic_write(path, lambda out: torch.save(obj, out))
+
+
+def read_yaml(path: Path, error: type[Exception], label: str) -> Any:
+    """``path``'s YAML (None for an empty file); unreadable YAML raises ``error`` naming ``label``."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as problem:
+        raise error(f"{label} is not valid YAML: {problem}") from problem

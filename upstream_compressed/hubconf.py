@@ -25,11 +25,10 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from .bases import KNOWN_BASES, download_known_base
 from .delta import Delta, DeltaError, build_compressed, read_delta
 from .expert import UpstreamExpert
+from .files import read_yaml
 from .model.sparse import resolve_execution
 from .model.trust import TRUST_OPTION, trusting
 
@@ -63,10 +62,7 @@ def _options(model_config: str | None) -> dict:
     path = Path(model_config)
     if not path.is_file():
         raise DeltaError(f"upstream options file (-g) {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise DeltaError(f"upstream options file (-g) {path} is not valid YAML: {error}") from error
+    data = read_yaml(path, DeltaError, f"upstream options file (-g) {path}") or {}
     if not isinstance(data, dict):
         raise DeltaError(f"upstream options file (-g) {path} must be a YAML mapping, e.g. `base: /path/to/base.pt`")
     unknown = set(data) - set(OPTION_NAMES)

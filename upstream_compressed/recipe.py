@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from .files import read_yaml
 
 # Short names used to build technique names such as ``kd_head_lr``.
 SHORT_NAMES = {
@@ -120,10 +120,7 @@ def load_recipe(path: str | os.PathLike, base: str | None = None) -> Recipe:
     from .bundled import bundled_recipe, find_file
 
     path = find_file(path, bundled_recipe, RecipeError)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path} is not valid YAML: {error}") from error
+    data = read_yaml(path, RecipeError, f"recipe {path}")
     if base is not None and isinstance(data, dict):
         data = {**data, "base": base}
     recipe = parse_recipe(data, path)

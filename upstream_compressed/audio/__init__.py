@@ -12,6 +12,12 @@ SAMPLE_RATE = 16000
 AUDIO_SUFFIXES = (".wav", ".flac")
 
 
+def missing_hint(path: Path) -> str:
+    """Why an audio path that does not exist may be wrong."""
+    return ("set the variables it names?" if path.is_absolute()
+            else f"relative paths are taken from the current directory, {Path.cwd()}")
+
+
 def list_audio(source: str | os.PathLike) -> list[Path]:
     """Every .wav/.flac file below a folder, sorted (so runs are reproducible), or the files a manifest lists."""
     source = Path(os.path.expandvars(os.path.expanduser(str(source))))
@@ -21,9 +27,7 @@ def list_audio(source: str | os.PathLike) -> list[Path]:
         manifest = read_manifest(source)
         return [manifest.path(i) for i in range(len(manifest))]
     if not source.is_dir():
-        hint = ("set the variables it names?" if source.is_absolute()
-                else f"relative paths are taken from the current directory, {Path.cwd()}")
-        raise FileNotFoundError(f"audio directory or manifest {source} does not exist ({hint})")
+        raise FileNotFoundError(f"audio directory or manifest {source} does not exist ({missing_hint(source)})")
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise FileNotFoundError(f"no .wav or .flac files below {source}")

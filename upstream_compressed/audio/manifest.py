@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import AUDIO_SUFFIXES, SAMPLE_RATE
+from . import AUDIO_SUFFIXES, SAMPLE_RATE, missing_hint
 from ..files import atomic_write_json, atomic_write_text
 
 MANIFEST_SUFFIX = ".tsv"
@@ -96,10 +96,18 @@ def scan(directory: str | os.PathLike, jobs: int = 16, progress: bool = True) ->
     Bad files are left out and listed in ``Manifest.bad``. Threads, not processes: the time goes in
     opening files (network file systems especially) and libsndfile releases the GIL meanwhile.
     """
+    root = _folder(directory)
+    return _scan_files(root, audio_files(root), jobs, progress)
+
+
+def _folder(directory: str | os.PathLike) -> Path:
     root = Path(os.path.expandvars(os.path.expanduser(str(directory)))).resolve()
     if not root.is_dir():
         raise ManifestError(f"audio folder {root} does not exist (or is not a folder)")
-    paths = audio_files(root)
+    return root
+
+
+def _scan_files(root: Path, paths: list[Path], jobs: int, progress: bool) -> Manifest:
     if not paths:
         raise ManifestError(f"no .wav or .flac files below {root}")
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -175,12 +183,11 @@ def cached_manifest(directory: str | os.PathLike, jobs: int = 16, progress: bool
     Listing and stat-ing the files is cheap next to opening every one, so the cache is checked against
     a fingerprint of names, sizes and times rather than trusted blindly.
     """
-    root = Path(os.path.expandvars(os.path.expanduser(str(directory)))).resolve()
-    if not root.is_dir():
-        raise ManifestError(f"audio folder {root} does not exist (or is not a folder)")
+    root = _folder(directory)
     key = hashlib.sha256(str(root).encode()).hexdigest()[:20]
     tsv, meta = cache_folder() / f"{root.name}-{key}{MANIFEST_SUFFIX}", cache_folder() / f"{root.name}-{key}.json"
-    fingerprint = _fingerprint(root, audio_files(root))
+    paths = audio_files(root)  # listed once: for the fingerprint and, on a miss, for the scan
+    fingerprint = _fingerprint(root, paths)
     if tsv.is_file() and meta.is_file():
         try:
             recorded = json.loads(meta.read_text())
@@ -190,7 +197,7 @@ def cached_manifest(directory: str | os.PathLike, jobs: int = 16, progress: bool
                 return manifest
         except (ValueError, TypeError, ManifestError):
             pass  # a damaged cache is rebuilt
-    manifest = scan(root, jobs=jobs, progress=progress)
+    manifest = _scan_files(root, paths, jobs, progress)
     try:
         manifest.write(tsv)
         atomic_write_json(meta, {"root": str(root), "fingerprint": fingerprint,
@@ -210,9 +217,7 @@ def load_corpus(spec: str | os.PathLike, progress: bool = True) -> Manifest:
     if path.is_file():
         return read_manifest(path)
     if not path.exists():
-        hint = ("set the variables it names?" if path.is_absolute()
-                else f"relative paths are taken from the current directory, {Path.cwd()}")
-        raise ManifestError(f"audio {path} does not exist ({hint})")
+        raise ManifestError(f"audio {path} does not exist ({missing_hint(path)})")
     manifest = cached_manifest(path, progress=progress)
     if manifest.bad:
         raise ManifestError(
