@@ -62,13 +62,19 @@ class LayerOrigin:
     source_layer: int
     kept_heads: list[int] | None = None  # None: all of the source layer's heads, in order
     kept_units: list[int] | None = None  # None: all FFN units
+    attention: bool = True  # False: the attention sublayer is removed
+    ffn: bool = True  # False: the FFN sublayer is removed
 
 
 @dataclass
 class Structure:
-    """Per compressed layer, its origin in the base. Composes over repeated pruning steps."""
+    """Per compressed layer, its origin in the base; per conv layer, the base channels it keeps.
+
+    Composes over repeated pruning steps.
+    """
 
     layers: list[LayerOrigin] = field(default_factory=list)
+    conv_channels: list[list[int] | None] | None = None  # per conv layer; None: all channels, in order
 
     @classmethod
     def identity(cls, config: ModelConfig) -> "Structure":
@@ -76,10 +82,33 @@ class Structure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Structure":
-        return cls([LayerOrigin(**layer) for layer in data["layers"]])
+        return cls([LayerOrigin(**layer) for layer in data["layers"]], data.get("conv_channels"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for layer in data["layers"]:  # unpruned parts are left out: older manifests stay as they were
+            for name in ("attention", "ffn"):
+                if layer[name]:
+                    del layer[name]
+        if self.conv_channels is None:
+            del data["conv_channels"]
+        return data
+
+    def keep_channels(self, conv_layer: int, channels: Sequence[int], base_channels: int) -> None:
+        """Conv ``conv_layer`` keeps ``channels`` (indices into its current channels) of its ``base_channels``."""
+        kept = list(self.conv_channels or [])
+        kept += [None] * (conv_layer + 1 - len(kept))  # the list may stop at the last pruned conv layer
+        current = kept[conv_layer] or list(range(base_channels))
+        kept[conv_layer] = [current[c] for c in channels]
+        self.conv_channels = kept
+
+    def remove_attention(self, layer: int) -> None:
+        self.layers[layer].attention = False
+        self.layers[layer].kept_heads = []
+
+    def remove_ffn(self, layer: int) -> None:
+        self.layers[layer].ffn = False
+        self.layers[layer].kept_units = []
 
     def keep_heads(self, layer: int, heads: Sequence[int], base_heads: int) -> None:
         current = self.layers[layer].kept_heads or list(range(base_heads))
@@ -100,12 +129,25 @@ def slice_base(base: Converted, structure: Structure) -> dict[str, Tensor]:
     model.config.layers = [copy.deepcopy(base.config.layers[s]) for s in sources]
     for i, origin in enumerate(structure.layers):
         try:
-            if origin.kept_heads is not None:
+            if not origin.attention:
+                model.remove_attention(i)
+            elif origin.kept_heads is not None:
                 model.keep_heads(i, origin.kept_heads)
-            if origin.kept_units is not None:
+            if not origin.ffn:
+                model.remove_ffn(i)
+            elif origin.kept_units is not None:
                 model.keep_units(i, origin.kept_units)
         except ValueError as error:
             raise DeltaError(f"structure of layer {i} does not fit the base: {error}") from error
+    channels = structure.conv_channels or []
+    if len(channels) > len(base.config.conv_layers):
+        raise DeltaError(f"structure names {len(channels)} conv layers, but the base has {len(base.config.conv_layers)}")
+    for i, kept in enumerate(channels):
+        if kept is not None:
+            try:
+                model.keep_channels(i, kept)
+            except ValueError as error:
+                raise DeltaError(f"conv channels of conv layer {i} do not fit the base: {error}") from error
     return model.state_dict()
 
 

@@ -130,7 +130,7 @@ def run(upstream: str | None, base: str | None, audio: str, out_dir: str | os.Pa
         mean_std: str | None = None) -> dict[str, Any]:
     """The whole command: load, score, write table and plot. Returns the written paths and the rows."""
     model, name = load_analysed_model(upstream, base, mean_std)
-    if not any(layer.attention.num_heads for layer in model.layers):
+    if not any(layer.num_heads for layer in model.config.layers):
         raise ValueError(f"{name} has no attention heads left to analyse")
     rows = analyse_heads(model, audio, band, max_utterances, max_seconds, batch_size, projections, seed)
     out = Path(out_dir)

@@ -64,7 +64,7 @@ def diagonality_scores(
     """Per layer, each head's diagonality averaged over the utterances of ``audio_dir``."""
     files = sample_audio(audio_dir, max_utterances, seed)
     device = next(model.parameters()).device
-    totals = [torch.zeros(layer.attention.num_heads, dtype=torch.float64) for layer in model.layers]
+    totals = [torch.zeros(layer.num_heads, dtype=torch.float64) for layer in model.config.layers]
 
     def hook(index: int):
         def record(module: SelfAttention, inputs: tuple[Any, ...]) -> None:
@@ -74,7 +74,8 @@ def diagonality_scores(
                 totals[index] += mass.sum(0).double().cpu()
         return record
 
-    handles = [layer.attention.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.layers)]
+    handles = [layer.attention.register_forward_pre_hook(hook(i)) for i, layer in enumerate(model.layers)
+               if layer.attention is not None]  # a removed sublayer has no heads to measure
     was_training = model.training
     model.eval()
     try:

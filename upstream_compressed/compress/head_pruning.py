@@ -37,6 +37,9 @@ def l1_head_scores(model: SpeechTransformer) -> list[Tensor]:
     scores = []
     for layer in model.layers:
         attention = layer.attention
+        if attention is None:  # the attention sublayer was removed: nothing to score
+            scores.append(torch.zeros(0))
+            continue
         weight = sum(effective_weight(getattr(attention, n)).detach().abs() for n in ("q_proj", "k_proj", "v_proj"))
         scores.append(weight.view(attention.num_heads, -1).sum(1) if attention.num_heads else torch.zeros(0))
     return scores
@@ -45,7 +48,7 @@ def l1_head_scores(model: SpeechTransformer) -> list[Tensor]:
 def prune_heads(
     model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
-    sizes = [layer.attention.num_heads for layer in model.layers]
+    sizes = [layer.num_heads for layer in model.config.layers]
     kept = choose(score(model, step, "heads", l1_head_scores, sizes), step, model.config.num_layers)
     for i, heads in enumerate(kept):
         if len(heads) != sizes[i]:

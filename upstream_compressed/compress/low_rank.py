@@ -58,6 +58,8 @@ def factorize_linears(
     layers = step.get("layers") or range(model.config.num_layers)
     for i in layers:
         for name in target_names(step):
+            if name not in model.config.layers[i].linear_names:
+                continue  # its sublayer was removed
             linear = model.linear(i, name)
             out_features, in_features = linear.out_features, linear.in_features
             if out_features == 0 or in_features == 0:

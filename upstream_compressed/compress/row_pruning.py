@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..delta import Structure
@@ -28,6 +29,9 @@ def l1_unit_scores(model: SpeechTransformer) -> list[Tensor]:
     scores = []
     for layer in model.layers:
         ffn = layer.feed_forward
+        if ffn is None:  # the FFN sublayer was removed: nothing to score
+            scores.append(torch.zeros(0))
+            continue
         scores.append(effective_weight(ffn.fc1).detach().abs().sum(1) + effective_weight(ffn.fc2).detach().abs().sum(0))
     return scores
 
@@ -35,7 +39,7 @@ def l1_unit_scores(model: SpeechTransformer) -> list[Tensor]:
 def prune_rows(
     model: SpeechTransformer, structure: Structure, step: dict[str, Any], context: StepContext
 ) -> tuple[SpeechTransformer, Structure]:
-    sizes = [layer.feed_forward.ffn_dim for layer in model.layers]
+    sizes = [layer.ffn_dim for layer in model.config.layers]
     kept = choose(score(model, step, "units", l1_unit_scores, sizes), step, model.config.num_layers)
     for i, units in enumerate(kept):
         if len(units) != sizes[i]:

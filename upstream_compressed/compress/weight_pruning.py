@@ -110,6 +110,8 @@ def prune_weights(
     targets = []
     for i in layers if layers is not None else range(model.config.num_layers):
         for name in target_names(step):
+            if name not in model.config.layers[i].linear_names:
+                continue  # its sublayer was removed
             linear = model.linear(i, name)
             if isinstance(linear, torch.nn.Linear) and linear.weight.numel():  # not low-rank, not pruned away
                 targets.append((i, name, linear))

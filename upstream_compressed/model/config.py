@@ -14,7 +14,10 @@ from typing import Any
 HUBERT = "hubert"  # [encoder input] + layer outputs (last one after the final LayerNorm if pre-LN)
 DISTILLER = "distiller"  # [projected features] + layer outputs + prediction-head outputs
 MELHUBERT = "melhubert"  # MelHuBERT's upstream: [projected features] + layer outputs (+ heads once distilled)
-KINDS = (HUBERT, DISTILLER, MELHUBERT)
+# torchaudio's wav2vec2 layout as DPHuBERT's extract_features gives it: [projected features] + layer
+# outputs (torchaudio's own extract_features: the layer outputs alone); frames by its floor-and-clamp arithmetic.
+TORCHAUDIO = "torchaudio"
+KINDS = (HUBERT, DISTILLER, MELHUBERT, TORCHAUDIO)
 
 # Front ends: HuBERT's strided convolutions on the waveform, or MelHuBERT's Kaldi log-mel filterbank.
 CONV, FBANK = "conv", "fbank"
@@ -25,20 +28,31 @@ FBANK_ONLY_FIELDS = ("fbank_mel_bins", "fbank_stack")
 
 # Linear layers of one encoder layer that may be factorised or sparsified (masked).
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+ATTENTION_LINEAR_NAMES = LINEAR_NAMES[:4]  # the rest belong to the FFN sublayer
 
 
 @dataclass
 class LayerConfig:
-    """One encoder layer: heads, FFN width, which Linears are low-rank and which carry a pruning mask."""
+    """One encoder layer: heads, FFN width, which Linears are low-rank and which carry a pruning mask.
+
+    ``attention`` / ``ffn`` False: that sublayer is removed (no module at all, not even a bias); the
+    layer is then its residual path (a post-LN layer still applies both LayerNorms).
+    """
 
     num_heads: int
     ffn_dim: int
     ranks: dict[str, int] = field(default_factory=dict)  # Linear name -> rank of its B·A factors
     sparse: list[str] = field(default_factory=list)  # Linear names with a weight mask (weight pruning)
+    attention: bool = True  # the attention sublayer exists
+    ffn: bool = True  # the feed-forward sublayer exists
 
     def __post_init__(self) -> None:
         if self.num_heads < 0 or self.ffn_dim < 0:
             raise ValueError(f"negative size in layer config {self}")
+        if not self.attention and self.num_heads != 0:
+            raise ValueError(f"a layer without its attention sublayer has no heads; got num_heads={self.num_heads}")
+        if not self.ffn and self.ffn_dim != 0:
+            raise ValueError(f"a layer without its FFN sublayer has no units; got ffn_dim={self.ffn_dim}")
         self.sparse = list(self.sparse)
         unknown = (set(self.ranks) | set(self.sparse)) - set(LINEAR_NAMES)
         if unknown:
@@ -48,6 +62,17 @@ class LayerConfig:
         both = set(self.ranks) & set(self.sparse)
         if both:
             raise ValueError(f"Linears {sorted(both)} cannot be both low-rank and sparse")
+        absent = (set(self.ranks) | set(self.sparse)) - set(self.linear_names)
+        if absent:
+            raise ValueError(f"Linears {sorted(absent)} belong to a removed sublayer; drop them from ranks/sparse")
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """The Linears this layer has (those of removed sublayers left out)."""
+        return tuple(
+            name for name in LINEAR_NAMES
+            if (self.attention if name in ATTENTION_LINEAR_NAMES else self.ffn)
+        )
 
 
 @dataclass
@@ -81,6 +106,12 @@ class ModelConfig:
     frontend: str = CONV
     fbank_mel_bins: int = 40
     fbank_stack: int = 1
+    # Whether front-end features are projected to embed_dim. None: exactly when their widths differ
+    # (as built from a checkpoint); True once pruning the last conv layer made them equal by chance.
+    feature_projection: bool | None = None
+    # A fixed per-channel scale of the front end's features before their LayerNorm (DPHuBERT's
+    # ``dummy_weight``: the soft mask that conv-channel pruning leaves on the last conv layer).
+    feature_scale: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [
@@ -108,6 +139,19 @@ class ModelConfig:
                     f"fbank_mel_bins must be positive and fbank_stack 1 (10 ms) or 2 (20 ms), got "
                     f"{self.fbank_mel_bins} and {self.fbank_stack}"
                 )
+
+        if self.feature_projection is False and self.conv_dim != self.embed_dim:
+            raise ValueError(
+                f"features of width {self.conv_dim} need a projection to embed_dim {self.embed_dim}; "
+                "feature_projection cannot be false"
+            )
+
+    @property
+    def has_feature_projection(self) -> bool:
+        """Whether the model has a ``feature_projection`` Linear (conv_dim -> embed_dim)."""
+        if self.feature_projection is None:
+            return self.conv_dim != self.embed_dim
+        return self.feature_projection
 
     @property
     def num_layers(self) -> int:
@@ -150,6 +194,13 @@ class ModelConfig:
         for layer in data["layers"]:  # dense models keep the manifests they had before weight pruning existed
             if not layer["sparse"]:
                 del layer["sparse"]
+            for name in ("attention", "ffn"):  # ... and before sublayers could be removed
+                if layer[name]:
+                    del layer[name]
+        if self.feature_projection is None:
+            del data["feature_projection"]
+        if not self.feature_scale:
+            del data["feature_scale"]
         if self.frontend == CONV:  # conv models keep the manifests they had before fbank front ends existed
             del data["frontend"]
             for name in FBANK_ONLY_FIELDS:

@@ -2,7 +2,8 @@
 
 Every block takes its sizes from the config, so a pruned block is just a block built with smaller
 numbers. Weight pruning's masked Linears live in :mod:`.sparse`. Structural compression is done by methods that return a smaller module
-(:meth:`SelfAttention.keep_heads`, :meth:`FeedForward.keep_units`), never by masks hidden in forward.
+(:meth:`SelfAttention.keep_heads`, :meth:`FeedForward.keep_units`, :meth:`ConvFeatureExtractor.keep_channels`,
+:meth:`EncoderLayer.without_attention`, :meth:`EncoderLayer.without_ffn`), never by masks hidden in forward.
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ class ConvFeatureExtractor(nn.Module):
                 self.norms.append(nn.Identity())
             in_channels = channels
 
+    def keep_channels(self, layer: int, channels: Sequence[int]) -> "ConvFeatureExtractor":
+        """A new front end where conv ``layer`` keeps only its output ``channels``, in that order.
+
+        Slices that conv's filters (and bias), its norm, and the input channels of the next conv.
+        Whoever consumes the last layer's features (feature norm, projection) must be sliced too.
+        """
+        conv = self.convs[layer]
+        index = _distinct_indices(channels, conv.out_channels, f"channels of conv layer {layer}")
+        if not len(index):
+            raise ValueError(f"conv layer {layer} must keep at least one channel")
+        smaller = ConvFeatureExtractor.__new__(ConvFeatureExtractor)
+        nn.Module.__init__(smaller)
+        smaller.convs, smaller.norms = nn.ModuleList(self.convs), nn.ModuleList(self.norms)  # unchanged ones shared
+        smaller.convs[layer] = _select_conv(conv, out_index=index)
+        norm = self.norms[layer]
+        if isinstance(norm, nn.GroupNorm):  # one group per channel, so channels are independent
+            smaller.norms[layer] = _select_affine(nn.GroupNorm(len(index), len(index), eps=norm.eps), norm, index)
+        elif isinstance(norm, nn.LayerNorm):
+            smaller.norms[layer] = _select_affine(nn.LayerNorm(len(index), eps=norm.eps), norm, index)
+        if layer + 1 < len(self.convs):
+            smaller.convs[layer + 1] = _select_conv(self.convs[layer + 1], in_index=index)
+        return smaller
+
     def forward(self, wav: Tensor) -> Tensor:
         x = wav.unsqueeze(1)
         for conv, norm in zip(self.convs, self.norms):
@@ -49,6 +73,45 @@ class ConvFeatureExtractor(nn.Module):
                 x = norm(x)
             x = F.gelu(x)
         return x
+
+
+def _distinct_indices(indices: Sequence[int], size: int, what: str) -> Tensor:
+    index = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+    if len(index) and (index.min() < 0 or index.max() >= size or len(set(index.tolist())) != len(index)):
+        raise ValueError(f"{what}: {index.tolist()} are not distinct indices below {size}")
+    return index
+
+
+def _select_conv(conv: nn.Conv1d, out_index: Tensor | None = None, in_index: Tensor | None = None) -> nn.Conv1d:
+    """A new Conv1d (groups=1) with only the output channels ``out_index`` / input channels ``in_index``."""
+    weight, bias = conv.weight, conv.bias
+    if out_index is not None:
+        weight = weight[out_index]
+        bias = None if bias is None else bias[out_index]
+    if in_index is not None:
+        weight = weight[:, in_index]
+    with torch.device("meta"):  # no random initialisation: every value is copied below
+        smaller = nn.Conv1d(weight.shape[1], weight.shape[0], conv.kernel_size, stride=conv.stride,
+                            padding=conv.padding, dilation=conv.dilation, bias=bias is not None)
+    smaller.weight = nn.Parameter(weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+    if bias is not None:
+        smaller.bias = nn.Parameter(bias.detach().clone(), requires_grad=conv.bias.requires_grad)
+    return smaller
+
+
+def _select_affine(smaller: nn.Module, norm: nn.Module, index: Tensor) -> nn.Module:
+    """``smaller`` (a fresh norm) given ``norm``'s affine weight and bias at ``index``."""
+    if norm.weight is not None:
+        with torch.no_grad():
+            smaller.weight.copy_(norm.weight[index])
+            smaller.bias.copy_(norm.bias[index])
+    return smaller.to(norm.weight if norm.weight is not None else torch.float32)
+
+
+def select_norm(norm: nn.LayerNorm, index: Sequence[int]) -> nn.LayerNorm:
+    """A LayerNorm over only the features ``index`` of ``norm``'s (a new, smaller module)."""
+    index = _distinct_indices(index, norm.normalized_shape[0], "LayerNorm features")
+    return _select_affine(nn.LayerNorm(len(index), eps=norm.eps, elementwise_affine=norm.weight is not None), norm, index)
 
 
 class PositionalConv(nn.Module):
@@ -277,7 +340,12 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One Transformer layer, post-LayerNorm (HuBERT Base) or pre-LayerNorm (HuBERT Large)."""
+    """One Transformer layer, post-LayerNorm (HuBERT Base) or pre-LayerNorm (HuBERT Large).
+
+    A removed sublayer (``attention`` or ``feed_forward`` None) leaves only its residual path. Both
+    LayerNorms always stay, as in DPHuBERT: a post-LN layer still normalises after each removed
+    sublayer; a pre-LN layer keeps the unused norm's few parameters so checkpoints map one to one.
+    """
 
     def __init__(
         self,
@@ -291,21 +359,49 @@ class EncoderLayer(nn.Module):
         activation_dropout: float = 0.0,
         ranks: dict[str, int] | None = None,
         sparse: Sequence[str] = (),
+        attention: bool = True,
+        ffn: bool = True,
     ) -> None:
         super().__init__()
         self.layer_norm_first, self.dropout = layer_norm_first, dropout
-        self.attention = SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks, sparse)
+        self.attention = (
+            SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks, sparse) if attention else None
+        )
         self.attention_norm = nn.LayerNorm(embed_dim)
-        self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks, sparse)
+        self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks, sparse) if ffn else None
         self.final_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         if self.layer_norm_first:
-            x = x + drop(self.attention(self.attention_norm(x), padding_mask))
-            return x + drop(self.feed_forward(self.final_norm(x)))
-        x = self.attention_norm(x + drop(self.attention(x, padding_mask)))
-        return self.final_norm(x + drop(self.feed_forward(x)))
+            if self.attention is not None:
+                x = x + drop(self.attention(self.attention_norm(x), padding_mask))
+            if self.feed_forward is not None:
+                x = x + drop(self.feed_forward(self.final_norm(x)))
+            return x
+        if self.attention is not None:
+            x = x + drop(self.attention(x, padding_mask))
+        x = self.attention_norm(x)
+        if self.feed_forward is not None:
+            x = x + drop(self.feed_forward(x))
+        return self.final_norm(x)
+
+    def without_attention(self) -> "EncoderLayer":
+        """A new layer without the attention sublayer (its norms and FFN are shared with this one)."""
+        return self._without("attention")
+
+    def without_ffn(self) -> "EncoderLayer":
+        """A new layer without the feed-forward sublayer (its norms and attention are shared with this one)."""
+        return self._without("feed_forward")
+
+    def _without(self, sublayer: str) -> "EncoderLayer":
+        smaller = EncoderLayer.__new__(EncoderLayer)
+        nn.Module.__init__(smaller)
+        smaller.layer_norm_first, smaller.dropout = self.layer_norm_first, self.dropout
+        for name in ("attention", "attention_norm", "feed_forward", "final_norm"):  # registration order = key order
+            setattr(smaller, name, None if name == sublayer else getattr(self, name))
+        smaller.train(self.training)
+        return smaller
 
 
 class PredictionHeads(nn.Module):

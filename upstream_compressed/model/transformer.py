@@ -9,19 +9,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import FBANK, HUBERT, LayerConfig, ModelConfig
+from .config import FBANK, HUBERT, TORCHAUDIO, LayerConfig, ModelConfig
 from .fbank import FbankFrontEnd
-from .layers import ConvFeatureExtractor, EncoderLayer, LowRankLinear, PositionalConv, PredictionHeads
+from .layers import (
+    ConvFeatureExtractor,
+    EncoderLayer,
+    LowRankLinear,
+    PositionalConv,
+    PredictionHeads,
+    select_columns,
+    select_norm,
+)
 from .sparse import MaskedLinear, set_execution
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _drop_linear_options(config: LayerConfig, names: Sequence[str]) -> None:
+    """Forget ranks / masks of Linears that no longer exist."""
+    for name in names:
+        config.ranks.pop(name, None)
+        if name in config.sparse:
+            config.sparse.remove(name)
 
 
 class SpeechTransformer(nn.Module):
     """Waveforms -> list of hidden states, laid out exactly like S3PRL's upstream for ``config.kind``.
 
     ``hubert``: [encoder input] + outputs of layers 1..L-1 + encoder output (L+1 states).
-    ``distiller`` and ``melhubert``: [projected features] + outputs of layers 1..L + prediction heads.
+    ``distiller``, ``melhubert`` and ``torchaudio`` (DPHuBERT's): [projected features] + outputs of layers 1..L
+    + prediction heads (if any).
     The front end is HuBERT's convolutions or MelHuBERT's fbank (``config.frontend``).
     """
 
@@ -35,7 +52,9 @@ class SpeechTransformer(nn.Module):
             else ConvFeatureExtractor(c.conv_layers, c.extractor_mode, c.conv_bias)
         )
         self.feature_norm = nn.LayerNorm(c.conv_dim) if c.feature_layer_norm else None
-        self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.conv_dim != c.embed_dim else None
+        # DPHuBERT's fixed per-channel scale (a buffer: it trains it no more than DPHuBERT does).
+        self.register_buffer("feature_scale", torch.ones(c.conv_dim) if c.feature_scale else None)
+        self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.has_feature_projection else None
         self.positional_conv = PositionalConv(c.embed_dim, c.conv_pos, c.conv_pos_groups)
         self.encoder_norm = nn.LayerNorm(c.embed_dim)
         self.layers = nn.ModuleList(self._build_layer(layer) for layer in c.layers)
@@ -80,6 +99,8 @@ class SpeechTransformer(nn.Module):
             activation_dropout=c.activation_dropout,
             ranks=layer.ranks,
             sparse=layer.sparse,
+            attention=layer.attention,
+            ffn=layer.ffn,
         )
 
     # ----------------------------------------------------------------------------------- padding
@@ -93,10 +114,12 @@ class SpeechTransformer(nn.Module):
             sample_pad = torch.arange(num_samples, device=wav_lengths.device)[None, :] >= wav_lengths[:, None]
             usable = num_samples - num_samples % num_frames
             return sample_pad[:, :usable].view(len(wav_lengths), num_frames, -1).all(-1)
-        # The distiller applies the conv length arithmetic.
+        # The distiller applies the conv length arithmetic; torchaudio floors it (and clamps at 0 frames,
+        # which gives the same mask), so an utterance shorter than one frame has none there, not one.
         lengths = wav_lengths.clone()
+        rounding = "floor" if self.config.kind == TORCHAUDIO else "trunc"
         for _, kernel, stride in self.config.conv_layers:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="trunc") + 1
+            lengths = torch.div(lengths - kernel, stride, rounding_mode=rounding) + 1
         return torch.arange(num_frames, device=wav_lengths.device)[None, :] >= lengths[:, None]
 
     def normalize_waveforms(self, wav: Tensor, wav_lengths: Tensor) -> Tensor:
@@ -126,6 +149,8 @@ class SpeechTransformer(nn.Module):
         else:
             features = self.feature_extractor(wav).transpose(1, 2)
         padding_mask = self.frame_padding_mask(wav_lengths, wav.shape[1], features.shape[1])
+        if self.feature_scale is not None:
+            features = features * self.feature_scale
         if self.feature_norm is not None:
             features = self.feature_norm(features)
         if self.feature_projection is not None:
@@ -156,19 +181,80 @@ class SpeechTransformer(nn.Module):
     def keep_heads(self, layer: int, heads: Sequence[int]) -> None:
         """Keep only ``heads`` of ``layer`` (the others are removed physically)."""
         block = self.layers[layer]
+        if block.attention is None:
+            raise ValueError(f"layer {layer} has no attention sublayer (removed), so no heads to keep")
         block.attention = block.attention.keep_heads(heads)
         self.config.layers[layer].num_heads = len(heads)
 
     def keep_units(self, layer: int, units: Sequence[int]) -> None:
         """Keep only the FFN hidden ``units`` of ``layer``."""
         block = self.layers[layer]
+        if block.feed_forward is None:
+            raise ValueError(f"layer {layer} has no FFN sublayer (removed), so no units to keep")
         block.feed_forward = block.feed_forward.keep_units(units)
         self.config.layers[layer].ffn_dim = len(units)
+
+    def keep_channels(self, conv_layer: int, channels: Sequence[int]) -> None:
+        """Keep only the output ``channels`` of front-end conv ``conv_layer``, in that order.
+
+        The next conv's inputs follow; for the last conv layer the feature LayerNorm and the
+        feature projection's input columns too.
+        """
+        c = self.config
+        if c.frontend == FBANK:
+            raise ValueError("an fbank front end has no conv channels to prune")
+        if not 0 <= conv_layer < len(c.conv_layers):
+            raise ValueError(f"conv layer {conv_layer} does not exist; the front end has {len(c.conv_layers)}")
+        last = conv_layer == len(c.conv_layers) - 1
+        if last and self.feature_projection is None:
+            raise ValueError(
+                "the last conv layer feeds the encoder directly (conv channels == embed_dim, no feature "
+                "projection), so its channels cannot be pruned; prune the other conv layers"
+            )
+        self.feature_extractor = self.feature_extractor.keep_channels(conv_layer, channels)
+        if last:
+            if self.feature_norm is not None:
+                self.feature_norm = select_norm(self.feature_norm, channels)
+            if self.feature_scale is not None:
+                self.feature_scale = self.feature_scale[torch.as_tensor([int(i) for i in channels], dtype=torch.long)]
+            self.feature_projection = select_columns(
+                self.feature_projection, torch.as_tensor([int(i) for i in channels], dtype=torch.long)
+            )
+        _, kernel, stride = c.conv_layers[conv_layer]
+        c.conv_layers[conv_layer] = (len(channels), kernel, stride)
+        if last and c.conv_dim == c.embed_dim:
+            c.feature_projection = True  # the projection stays, though the widths now agree
+
+    def remove_attention(self, layer: int) -> None:
+        """Remove the attention sublayer of ``layer`` (all heads and out_proj's bias): a residual path is left."""
+        block = self.layers[layer]
+        if block.attention is None:
+            raise ValueError(f"layer {layer} has no attention sublayer left to remove")
+        self.layers[layer] = block.without_attention()
+        config = self.config.layers[layer]
+        config.num_heads, config.attention = 0, False
+        _drop_linear_options(config, ATTENTION_LINEARS)
+
+    def remove_ffn(self, layer: int) -> None:
+        """Remove the feed-forward sublayer of ``layer`` (all units and fc2's bias): a residual path is left."""
+        block = self.layers[layer]
+        if block.feed_forward is None:
+            raise ValueError(f"layer {layer} has no FFN sublayer left to remove")
+        self.layers[layer] = block.without_ffn()
+        config = self.config.layers[layer]
+        config.ffn_dim, config.ffn = 0, False
+        _drop_linear_options(config, ("fc1", "fc2"))
 
     def linear(self, layer: int, name: str) -> nn.Module:
         """The Linear ``name`` (q_proj, k_proj, v_proj, out_proj, fc1, fc2) of ``layer``."""
         block = self.layers[layer]
-        return getattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name)
+        sublayer = block.attention if name in ATTENTION_LINEARS else block.feed_forward
+        if sublayer is None:
+            raise ValueError(
+                f"layer {layer} has no {name}: its {'attention' if name in ATTENTION_LINEARS else 'FFN'} sublayer "
+                "was removed (iterate over config.layers[i].linear_names)"
+            )
+        return getattr(sublayer, name)
 
     def replace_linear(self, layer: int, name: str, module: nn.Module) -> None:
         """Put ``module`` (dense, low-rank or masked, same in/out sizes) in place of a Linear; the config follows."""
@@ -176,7 +262,7 @@ class SpeechTransformer(nn.Module):
         if (module.in_features, module.out_features) != (old.in_features, old.out_features):
             raise ValueError(f"layer {layer} {name}: replacement changes the Linear's shape")
         block = self.layers[layer]
-        setattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name, module)
+        setattr(block.attention if name in ATTENTION_LINEARS else block.feed_forward, name, module)  # exists: linear() checked
         config = self.config.layers[layer]
         if isinstance(module, LowRankLinear):
             config.ranks[name] = module.rank
