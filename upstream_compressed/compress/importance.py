@@ -9,7 +9,7 @@ representation. The score is its square root.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ def _gate_hooks(model: SpeechTransformer, kind: str) -> tuple[list[Tensor], list
     """Attach gates as forward pre-hooks on out_proj (heads) or fc2 (units): no change to the model code."""
     gates, handles = [], []
     for layer in model.layers:
+        if (layer.attention if kind == "heads" else layer.feed_forward) is None:  # sublayer removed: no items
+            gates.append(torch.zeros(0, requires_grad=True, device=next(model.parameters()).device))
+            continue
         if kind == "heads":
             module, size, group = layer.attention.out_proj, layer.attention.num_heads, layer.attention.head_dim
         else:
@@ -49,22 +52,42 @@ def data_driven_scores(
     seed: int = 0,
 ) -> list[Tensor]:
     """Per layer, one importance score per head (``kind="heads"``) or FFN unit (``kind="units"``)."""
+    return gate_importance(model, lambda m: _gate_hooks(m, kind), kind, audio_dir, max_utterances, max_seconds,
+                           batch_size, projections, seed)
+
+
+def gate_importance(
+    model: SpeechTransformer,
+    attach_gates: Callable[[SpeechTransformer], tuple[list[Tensor], list[Any]]],
+    what: str,
+    audio_dir: str,
+    max_utterances: int = 32,
+    max_seconds: float = 8.0,
+    batch_size: int = 4,
+    projections: int = 4,
+    seed: int = 0,
+) -> list[Tensor]:
+    """sqrt E[(dL/dxi)^2] for every gate that ``attach_gates(model)`` puts on the model (gates, hook handles).
+
+    The gates are removed again afterwards; the model's parameters are left trainable, as found.
+    """
     files = sample_audio(audio_dir, max_utterances, seed)
     generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    gates, handles = _gate_hooks(model, kind)
+    gates, handles = attach_gates(model)
     squares = [torch.zeros_like(g) for g in gates]
     count = 0
     try:
         batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-        for batch in tqdm(batches, desc=f"scoring {kind}", unit="batch", leave=False):
+        for batch in tqdm(batches, desc=f"scoring {what}", unit="batch", leave=False):
             wavs = [load_audio(f, max_seconds) for f in batch]
             lengths = torch.tensor([len(w) for w in wavs])
             padded = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
-            states, padding = model(padded.to(gates[0].device), lengths.to(gates[0].device))
+            states, padding = model(padded.to(device), lengths.to(device))
             valid = (~padding)[..., None].float()
             for _ in range(projections):
                 loss = sum(
