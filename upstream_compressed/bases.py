@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .embedded import BUNDLED, bundled_checkpoint
-from .model.config import DISTILLER, HUBERT, MELHUBERT
+from .model.config import DISTILLER, HUBERT, MELHUBERT, TORCHAUDIO
 
 # S3PRL's own download locations for the bases we support by name (converted formats, no fairseq).
 KNOWN_BASES = {
@@ -16,8 +16,9 @@ KNOWN_BASES = {
 }
 KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
 
-# The upstream-name prefix of each model kind.
-FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert", MELHUBERT: "melhubert"}
+# The upstream-name prefix of each model kind. torchaudio's wav2vec2 layout is DPHuBERT's (a HuBERT-family
+# model whose hidden states follow DPHuBERT's extract_features): dphubert_local, dphubert_headpruned, ...
+FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert", MELHUBERT: "melhubert", TORCHAUDIO: "dphubert"}
 
 
 def download_known_base(name: str, refresh: bool = False) -> Path:

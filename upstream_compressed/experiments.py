@@ -279,12 +279,13 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
 
 
 def _local_upstream(checkpoint: Path) -> str:
-    """S3PRL's (or our) upstream that runs a base checkpoint as it is: hubert_local, distiller_local, melhubert_local."""
-    from .model.config import DISTILLER, HUBERT
+    """S3PRL's (or our) upstream that runs a base checkpoint as it is: hubert_local, distiller_local, melhubert_local,
+    dphubert_local."""
+    from .model.config import DISTILLER, HUBERT, TORCHAUDIO
     from .model.convert import load_base
 
     kind = load_base(checkpoint).config.kind
-    return {HUBERT: "hubert_local", DISTILLER: "distiller_local"}.get(kind, "melhubert_local")
+    return {HUBERT: "hubert_local", DISTILLER: "distiller_local", TORCHAUDIO: "dphubert_local"}.get(kind, "melhubert_local")
 
 
 def _random_like(base: Path, target: Path) -> None:

@@ -13,6 +13,8 @@ variable, else ``auto`` (sparse where it is faster on the device).
 A MelHuBERT base also needs its fbank statistics file: the ``-g`` yaml's ``mean_std: PATH``, else
 ``UPSTREAM_COMPRESSED_MEAN_STD``, else the recorded path, else a file of the recorded name beside
 the base or the delta. ``melhubert_local`` runs a MelHuBERT checkpoint itself (``-k``), uncompressed.
+``dphubert_local`` runs a checkpoint in torchaudio's wav2vec2 layout (DPHuBERT's ``{"state_dict", "config"}``,
+or torchaudio's own ``wav2vec2_model`` arguments) itself, with DPHuBERT's hidden states.
 
 Base checkpoints are read weights-only (:mod:`upstream_compressed.model.trust`); one that pickles
 more is refused unless the ``-g`` yaml says ``trust_checkpoint: true`` (or
@@ -34,7 +36,7 @@ from .model.trust import TRUST_OPTION, trusting
 
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
-FAMILIES = ("hubert", "distilhubert", "melhubert")
+FAMILIES = ("hubert", "distilhubert", "melhubert", "dphubert")
 OPTION_NAMES = ("base", "mean_std", "sparse_execution", TRUST_OPTION)  # what a -g yaml may set
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
@@ -53,6 +55,8 @@ TECHNIQUES = (
     "head_lr",
     "row_lr",
     "head_row_lr",
+    "convpruned",
+    "jointpruned",
 )
 
 
@@ -168,6 +172,25 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
     return UpstreamExpert(model.eval())
 
 
+def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
+    """A torchaudio wav2vec2-layout checkpoint as it is (-k): DPHuBERT's hidden states, projected features first."""
+    from .model import SpeechTransformer
+    from .model.convert import CheckpointError, load_base
+    from .model.convert_torchaudio import TORCHAUDIO_FORMAT
+
+    if not ckpt:
+        raise DeltaError("no checkpoint given: pass a DPHuBERT / torchaudio wav2vec2 checkpoint ({state_dict, config}) as -k")
+    try:
+        base = load_base(ckpt, trust=trust_option(model_config))
+    except CheckpointError as error:
+        raise DeltaError(str(error)) from error
+    if base.source_format != TORCHAUDIO_FORMAT:
+        raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not in torchaudio's wav2vec2 layout; "
+                         "use hubert_local / distiller_local / melhubert_local")
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
+    return UpstreamExpert(model.eval())
+
+
 def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:
     def entry(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
         return load_upstream(ckpt, model_config, refresh, family=family, technique=technique)
@@ -182,4 +205,5 @@ def entries() -> dict[str, Callable[..., UpstreamExpert]]:
     named = {f"{f}_{t}": _named_entry(f, t) for f in FAMILIES for t in TECHNIQUES}
     from .embedded.hubconf import entries as embedded_entries
 
-    return {**named, "compressed_local": compressed_local, "melhubert_local": melhubert_local, **embedded_entries()}
+    return {**named, "compressed_local": compressed_local, "melhubert_local": melhubert_local,
+            "dphubert_local": dphubert_local, **embedded_entries()}

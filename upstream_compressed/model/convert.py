@@ -4,7 +4,8 @@ Two formats, the ones S3PRL's own loaders read:
 - HuBERT converted (``hubert_local``): ``{task_cfg, model_cfg, model_weight, dictionaries_symbols}``;
 - distiller (``distiller_local``): ``{"Config": {"distiller": {...}}, "Distiller": state_dict}``;
 and MelHuBERT's own (``{"model", "Upstream_Config": {"melhubert": ...}}`` plus a mean/std file; see
-:mod:`.convert_melhubert`).
+:mod:`.convert_melhubert`), and torchaudio's wav2vec2 layout (``{"state_dict", "config"}``, DPHuBERT's;
+see :mod:`.convert_torchaudio`, which also writes it back).
 Tensors that only pre-training uses (HuBERT's ``final_proj``, ``label_embs_concat``, ``mask_emb``)
 are kept aside as ``extras`` so converting back gives a checkpoint S3PRL loads.
 Files are read weights-only, with the allow-list and opt-in of :mod:`.trust`.
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from .config import DISTILLER, HUBERT, MELHUBERT, LayerConfig, ModelConfig
 from .convert_melhubert import MELHUBERT_FORMAT, find_mean_std, from_melhubert, is_melhubert, to_melhubert
+from .convert_torchaudio import TORCHAUDIO_FORMAT, from_torchaudio, is_torchaudio
 from .trust import (
     TrustedCheckpointWarning,
     allowed_globals,
@@ -136,10 +138,12 @@ def detect_format(ckpt: dict[str, Any]) -> str:
         return DISTILLER_FORMAT
     if is_melhubert(ckpt):
         return MELHUBERT_FORMAT
+    if is_torchaudio(ckpt):
+        return TORCHAUDIO_FORMAT
     raise CheckpointError(
         f"unknown checkpoint format with keys {sorted(ckpt)[:8]}; expected S3PRL's converted HuBERT "
         "format (task_cfg, model_cfg, model_weight), the distiller format (Config, Distiller) or "
-        "MelHuBERT's (model, Upstream_Config). "
+        "MelHuBERT's (model, Upstream_Config) or torchaudio's wav2vec2 layout (state_dict, config: DPHuBERT's). "
         "Convert a fairseq HuBERT checkpoint with s3prl.upstream.hubert.convert first."
     )
 
@@ -169,6 +173,9 @@ def load_base(path: str | os.PathLike, mean_std: str | os.PathLike | None = None
         if fmt == MELHUBERT_FORMAT:
             config, state, extras = from_melhubert(ckpt, stats)
             converted = Converted(config, state, MELHUBERT_FORMAT, extras)
+        elif fmt == TORCHAUDIO_FORMAT:
+            config, state, extras = from_torchaudio(ckpt)
+            converted = Converted(config, state, TORCHAUDIO_FORMAT, extras)
         else:
             converted = from_hubert(ckpt) if fmt == HUBERT_FORMAT else from_distiller(ckpt)
     except (KeyError, ValueError, SyntaxError) as error:
@@ -392,9 +399,21 @@ def to_s3prl_checkpoint(converted: Converted) -> dict[str, Any]:
 
     Weight-pruning masks are left out: the weights are already zero where a mask prunes them, and
     S3PRL's formats have no place for masks (the file then runs dense in S3PRL's own upstreams).
+    Conv-pruned front ends convert (fairseq's ``conv_feature_layers`` lists every layer's channels).
     """
     config = converted.config
     state = {key: tensor for key, tensor in converted.state_dict.items() if not key.endswith(".mask")}
+    removed = [i for i, layer in enumerate(config.layers) if not (layer.attention and layer.ffn)]
+    if removed:
+        raise ValueError(
+            f"layers {removed} have a removed attention or FFN sublayer, which S3PRL's HuBERT/distiller/MelHuBERT "
+            "model classes cannot express; load the delta through compressed_local instead"
+        )
+    if config.has_feature_projection and config.conv_dim == config.embed_dim:
+        raise ValueError(
+            f"the pruned front end is as wide as the encoder ({config.embed_dim}) but keeps its feature projection; "
+            "S3PRL's model classes build that projection only when the widths differ, so use compressed_local"
+        )
     layer = _require_uniform(config)
     if config.kind == MELHUBERT:
         return to_melhubert(config, state, converted.extras, layer)
