@@ -87,7 +87,7 @@ def spoiled(kind: str) -> st.SearchStrategy:
     if kind in CHOICES:
         accepts: Callable[[Any], bool] = lambda v: isinstance(v, str) and v in CHOICES[kind]  # noqa: E731
         if kind == "objective":
-            accepts = lambda v: isinstance(v, str) and v in ("hidden_states", "cluster_kl")  # noqa: E731
+            accepts = lambda v: isinstance(v, str) and v in ("hidden_states", "cluster_kl", "temporal_relation")  # noqa: E731
     else:
         accepts = ACCEPTS[kind]
     return st.one_of(JUNK, OUT_OF_RANGE).filter(lambda v: not accepts(v))

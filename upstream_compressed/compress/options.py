@@ -142,14 +142,24 @@ def check_training_options(options: Any, where: str) -> None:
 
 
 def check_objective(options: dict[str, Any], where: str) -> str:
-    """``objective``: hidden_states (L1 + cosine on state pairs) or cluster_kl (KL on cluster posteriors)."""
-    from ..train.distill import CLUSTER_KL, HIDDEN_STATES, OBJECTIVES
+    """``objective``: hidden_states (L1 + cosine on state pairs), temporal_relation (temporal Gram
+    matrices of the same pairs) or cluster_kl (KL on cluster posteriors)."""
+    from ..train.distill import CLUSTER_KL, HIDDEN_STATES, OBJECTIVES, TEMPORAL_RELATION
 
     objective = check_choice(options, where, "objective", OBJECTIVES, HIDDEN_STATES)
+    if objective == TEMPORAL_RELATION:
+        if "cosine_weight" in options:
+            raise RecipeError(f"{where}.cosine_weight: applies to objective hidden_states only; temporal_relation "
+                              "compares frame-by-frame Gram matrices (weigh its intra-layer term with "
+                              "intra_layer_weight)")
+        check_number(options, where, "intra_layer_weight", zero_ok=True)
+    elif "intra_layer_weight" in options:
+        raise RecipeError(f"{where}.intra_layer_weight: applies to objective temporal_relation only")
     if objective == CLUSTER_KL:
         for name in ("pairs", "cosine_weight"):
             if name in options:
-                raise RecipeError(f"{where}.{name}: applies to objective hidden_states only; cluster_kl compares "
+                users = "hidden_states and temporal_relation" if name == "pairs" else "hidden_states"
+                raise RecipeError(f"{where}.{name}: applies to objective {users} only; cluster_kl compares "
                                   "the cluster posteriors of the encoder outputs")
         temperature = options.get("logit_temperature")
         if temperature is not None and (not is_number(temperature) or temperature <= 0):

@@ -1,8 +1,10 @@
 """Distillation training: a student learns to reproduce a teacher, with no labels.
 
-Two objectives (``TrainOptions.objective``):
+Three objectives (``TrainOptions.objective``):
 - ``hidden_states`` (default): per (student state, teacher state) pair, DistilHuBERT's L1 plus a
   cosine term ``-log sigmoid(cos)``, over valid frames;
+- ``temporal_relation``: STaRHuBERT's temporal Gram matrices (frame-by-frame relations, layer-wise
+  and intra-layer) on the same pairs (see :mod:`.temporal_relation`);
 - ``cluster_kl``: logit distillation, KL(teacher || student) of HuBERT's cluster posteriors on the
   encoder outputs (see :mod:`.cluster_head`); needs the teacher's cluster head.
 Used for recovery after compression (teacher = the uncompressed model) and for training distilled
@@ -36,11 +38,12 @@ from tqdm import tqdm
 from ..delta import atomic_write_bytes
 from ..model import SpeechTransformer
 from .cluster_head import ClusterHead, cluster_kl_loss
+from .temporal_relation import temporal_relation_loss
 from ..audio.manifest import load_corpus
 from .stream import BatchPlan, BatchRule, batch_loader, warn_skipped
 
-HIDDEN_STATES, CLUSTER_KL = "hidden_states", "cluster_kl"
-OBJECTIVES = (HIDDEN_STATES, CLUSTER_KL)
+HIDDEN_STATES, CLUSTER_KL, TEMPORAL_RELATION = "hidden_states", "cluster_kl", "temporal_relation"
+OBJECTIVES = (HIDDEN_STATES, CLUSTER_KL, TEMPORAL_RELATION)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class TrainOptions:
     device: str = "auto"
     objective: str = HIDDEN_STATES  # or cluster_kl (logit distillation)
     logit_temperature: float | None = None  # cluster_kl: cos / temperature; default the teacher's logit_temp (0.1)
+    intra_layer_weight: float = 1.0  # temporal_relation: weight of the intra-layer TGM term (0: layer-wise only)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainOptions":
@@ -115,14 +119,15 @@ class _Trainee(nn.Module):
     parameters used and averages their gradients like the student's.
     """
 
-    def __init__(self, student: SpeechTransformer, head: ClusterHead | None) -> None:
+    def __init__(self, student: SpeechTransformer, head: ClusterHead | None, extra: nn.Module | None = None) -> None:
         super().__init__()
-        self.student, self.head = student, head
+        self.student, self.head, self.extra = student, head, extra
 
-    def forward(self, wavs: Tensor, lengths: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    def forward(self, wavs: Tensor, lengths: Tensor, step: int = 0) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
         states, padding_mask = self.student(wavs, lengths)
         logits = self.head(states[self.student.config.num_layers]) if self.head is not None else None
-        return states, padding_mask, logits
+        # The extra term is computed here too, so that DDP sees its parameters used by this forward.
+        return states, padding_mask, logits, self.extra(step) if self.extra is not None else None
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -236,6 +241,7 @@ def train_distillation(
     stop_after: Callable[[int], bool] | None = None,
     teacher_head: ClusterHead | None = None,
     origin: dict[str, Any] | None = None,
+    extra: nn.Module | None = None,
 ) -> TrainResult:
     """Train ``student`` in place to match ``teacher``; resume from ``checkpoint_path`` if it is this run's.
 
@@ -244,6 +250,10 @@ def train_distillation(
     ``origin`` (JSON-like): what is being trained (recipe, base, structure), recorded in the checkpoint;
     a checkpoint with another origin or other options is ignored (training restarts, with a message).
     ``stop_after(step)`` (tests) ends the run early after that step's checkpoint logic.
+    ``extra`` (e.g. pruning gates and their size constraint, :class:`.gates.SizeConstraint`): a module
+    trained along, called as ``extra(step)`` for a loss term added to the distillation loss; it gives
+    its own optimizer groups (``param_groups()``, with their learning rates) and progress-bar fields
+    (``postfix()``); its state is saved in the checkpoint and restored on resume.
     Prints ``training: DESCRIPTION start=S end=N`` to stderr (S > 0: resumed at training step S).
     """
     if options.objective not in OBJECTIVES:
@@ -272,14 +282,19 @@ def train_distillation(
     for s, t in pairs:
         if not (0 <= s < student.config.num_hidden_states and 0 <= t < teacher.config.num_hidden_states):
             raise ValueError(f"pair {[s, t]} names a hidden state that does not exist")
-    trainee = _Trainee(student, student_head)
+    if extra is not None:
+        extra.to(device).train().requires_grad_(True)
+    trainee = _Trainee(student, student_head, extra)
 
     manifest = load_corpus(options.audio, progress=dist.main)
     rule = BatchRule(None if options.seconds_per_batch is not None else options.batch_size,
                      options.seconds_per_batch, options.max_seconds)
     plan = BatchPlan(manifest.num_samples, rule, options.seed, dist.world_size)
     trainable = [p for p in trainee.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    extra_groups = extra.param_groups() if extra is not None else []
+    in_extra = {id(p) for group in extra_groups for p in group["params"]}
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if id(p) not in in_extra]}, *extra_groups],
+                                  lr=options.lr, weight_decay=options.weight_decay)
     warmup = options.warmup_steps if options.warmup_steps is not None else max(1, options.steps // 10)
 
     def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 10%
@@ -296,6 +311,8 @@ def train_distillation(
     state = _resumable_state(checkpoint_path, device, record, description, dist.main)
     if state is not None:
         student.load_state_dict(state["student"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
         if student_head is not None:
             student_head.load_state_dict(state["cluster_head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -346,13 +363,18 @@ def train_distillation(
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 with torch.no_grad():
                     target, _ = teacher(wavs, lengths)
-                states, padding_mask, logits = model(wavs, lengths)
+                states, padding_mask, logits, extra_loss = model(wavs, lengths, step)
                 if student_head is not None:
                     with torch.no_grad():
                         target_logits = teacher_head(target[teacher.config.num_layers])
                     loss = cluster_kl_loss(logits, target_logits, padding_mask)
+                elif options.objective == TEMPORAL_RELATION:
+                    loss = temporal_relation_loss(states, target, pairs, padding_mask, student.config.num_layers,
+                                                  teacher.config.num_layers, options.intra_layer_weight)
                 else:
                     loss = distillation_loss(states, target, pairs, padding_mask, options.cosine_weight)
+                if extra_loss is not None:
+                    loss = loss + extra_loss
             scaler.scale(loss / options.grad_accumulation).backward()
             loss_value += loss.item() / options.grad_accumulation
             utterances += len(lengths)
@@ -366,7 +388,8 @@ def train_distillation(
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}",
                              utt_per_s=f"{utterances * dist.world_size / (time.perf_counter() - step_start):.1f}",
-                             **({"skipped": len(skipped)} if skipped else {}))
+                             **({"skipped": len(skipped)} if skipped else {}),
+                             **(extra.postfix() if extra is not None else {}))
 
         done = step + 1
         if done % options.checkpoint_every == 0 or done == options.steps:
@@ -378,6 +401,7 @@ def train_distillation(
             if dist.main:
                 save_checkpoint(checkpoint_path, {
                     "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                    **({"extra": extra.state_dict()} if extra is not None else {}),
                     "scheduler": scheduler.state_dict(), "step": done, "history": history,
                     "rng": rng, "world_size": dist.world_size, "skipped_files": skipped, **record,
                     **({"cluster_head": student_head.state_dict()} if student_head is not None else {}),
@@ -388,6 +412,8 @@ def train_distillation(
             break
     progress.close()
     student.eval()  # the student's cluster head (cluster_kl) stays behind: only the checkpoint keeps it
+    if extra is not None:
+        extra.eval()
     seconds = time.perf_counter() - started
     if dist.main:
         print(f"training: {description} done steps={len(history) - start_step} seconds={seconds:.1f} "
