@@ -27,6 +27,8 @@ SHORT_NAMES = {
     "row_pruning": "row",
     "low_rank": "lr",
     "weight_pruning": "wp",
+    "joint_pruning": "joint",
+    "conv_pruning": "conv",
 }
 # A single technique reads better spelled out: ``hubert_headpruned``.
 SINGLE_NAMES = {
@@ -35,6 +37,8 @@ SINGLE_NAMES = {
     "row_pruning": "rowpruned",
     "low_rank": "lowrank",
     "weight_pruning": "weightpruned",
+    "joint_pruning": "jointpruned",
+    "conv_pruning": "convpruned",
 }
 IDENTITY = "identity"
 
@@ -149,5 +153,8 @@ def _resolve_paths(recipe: Recipe, folder: Path, base_folder: Path) -> Recipe:
         step = audio(step, f"{where}: steps[{i}]")
         if isinstance(step.get("recovery"), dict):
             step = {**step, "recovery": audio(step["recovery"], f"{where}: steps[{i}].recovery")}
+        if isinstance(step.get("final_distillation"), dict):  # joint pruning's training after pruning
+            step = {**step, "final_distillation": audio(step["final_distillation"],
+                                                        f"{where}: steps[{i}].final_distillation")}
         steps.append(step)
     return replace(recipe, base=base, steps=steps, mean_std=mean_std)

@@ -29,7 +29,7 @@ from ..train.distill import CLUSTER_KL, TrainOptions, differences, save_checkpoi
 
 # The files run_recipe writes in a work folder (and the temporary files of their atomic writes):
 # cleaning a work folder removes these and nothing else.
-_WORK_NAME = r"(?:after-step-\d+|step-\d+-training)\.pt"
+_WORK_NAME = r"(?:after-step-\d+|step-\d+-training|step-\d+-final)\.pt"
 WORK_FILE = re.compile(rf"{_WORK_NAME}|\.{_WORK_NAME}\.\w+\.tmp")
 
 
@@ -58,7 +58,7 @@ class StepContext:
 
 # method -> step(model, structure, step_options, context) -> (model, structure)
 StepFunction = Callable[[SpeechTransformer, Structure, dict[str, Any], StepContext], tuple[SpeechTransformer, Structure]]
-EXPENSIVE_METHODS = {"distillation"}  # steps that train: snapshot after them so a rerun resumes
+EXPENSIVE_METHODS = {"distillation", "joint_pruning"}  # steps that train: snapshot after them so a rerun resumes
 STEPS: dict[str, StepFunction] = {}
 MAC_SECONDS = 10.0  # MACs in manifests are for this much audio
 
@@ -165,6 +165,8 @@ def limit_training_steps(recipe: Recipe, limit: int) -> Recipe:
         step = cut(step) if step["method"] in EXPENSIVE_METHODS else dict(step)
         if isinstance(step.get("recovery"), dict):
             step["recovery"] = cut(step["recovery"])
+        if isinstance(step.get("final_distillation"), dict):  # joint pruning's training after pruning
+            step["final_distillation"] = cut(step["final_distillation"])
         steps.append(step)
     return dataclasses.replace(recipe, steps=steps)
 
@@ -238,4 +240,4 @@ def run_recipe(recipe: Recipe, refresh: bool = False, work_dir: str | Path | Non
 
 
 # Importing the technique modules registers their steps and validators.
-from . import distillation, head_pruning, low_rank, row_pruning, weight_pruning  # noqa: E402,F401
+from . import conv_pruning, distillation, head_pruning, joint_pruning, low_rank, row_pruning, weight_pruning  # noqa: E402,F401
