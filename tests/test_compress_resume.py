@@ -220,3 +220,53 @@ def test_sigkilled_compress_resumes_to_the_uninterrupted_delta(tmp_path, uninter
         {k: v for k, v in expected.manifest.items() if k != "tensors_sha256"}
     assert_same_tensors(expected.tensors, delta.tensors)
     assert any(name.startswith("feature_extractor.") for name in delta.tensors), "the last step trains the front end"
+
+
+# ----------------------------------------- SIGKILL of `compress` in either phase of joint pruning
+def joint_recipe(base: Path, audio_dir: Path, target: int) -> dict:
+    return {"base": str(base), "steps": [
+        {"method": "joint_pruning", "structures": ["conv", "heads", "ffn"], "target_params": target,
+         **training(audio_dir), "final_distillation": training(audio_dir, seed=1)},
+    ]}
+
+
+@pytest.fixture(scope="module")
+def joint_uninterrupted(tmp_path_factory, hubert_ckpt, audio_dir):
+    from upstream_compressed.model import SpeechTransformer
+    from upstream_compressed.model.convert import load_base
+
+    base = load_base(hubert_ckpt)
+    size = SpeechTransformer.from_state_dict(base.config, base.state_dict).num_parameters()
+    folder = tmp_path_factory.mktemp("joint_uninterrupted")
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(joint_recipe(hubert_ckpt, audio_dir, int(0.6 * size))))
+    run_compress(recipe, folder / "delta.safetensors", folder / "work")
+    return recipe, read_delta(folder / "delta.safetensors")
+
+
+@pytest.mark.parametrize("phase", ["training", "final"])
+def test_sigkilled_joint_pruning_resumes_to_the_uninterrupted_delta(tmp_path, joint_uninterrupted, phase):
+    """Killed while the gates train (``step-0-training.pt``) or during the final distillation
+    (``step-0-final.pt``): the rerun continues from that checkpoint to the same delta (1e-6)."""
+    recipe, expected = joint_uninterrupted
+    work, output = tmp_path / "work", tmp_path / "delta.safetensors"
+    work.mkdir()
+    checkpoint = work / f"step-0-{phase}.pt"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(compress_command(recipe, output, work), stdout=log, stderr=log,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert torch.load(checkpoint, weights_only=True)["step"] < TRAINING_STEPS
+    stderr = run_compress(recipe, output, work)
+    description = "joint pruning" if phase == "training" else "final distillation"
+    started = re.search(rf"^training: step 0 {description} start=(\d+) end={TRAINING_STEPS}$", stderr, re.M)
+    assert started and int(started.group(1)) > 0, stderr[-3000:]  # resumed, not restarted
+    delta = read_delta(output)
+    assert {k: v for k, v in delta.manifest.items() if k != "tensors_sha256"} == \
+        {k: v for k, v in expected.manifest.items() if k != "tensors_sha256"}
+    assert_same_tensors(expected.tensors, delta.tensors)
