@@ -171,10 +171,10 @@ def trained_steps(stderr: str) -> list[tuple[int, int, int]]:
     return [(int(step), int(start), int(end)) for step, _, start, end in TRAINING_LINE.findall(stderr)]
 
 
-def kill_during_training(recipe: Path, output: Path, work: Path, step: int) -> None:
-    """Start compress and SIGKILL it as soon as the training checkpoint of ``step`` exists."""
-    checkpoint = work / f"step-{step}-training.pt"
-    with open(work.parent / f"killed-{step}.log", "w") as log:
+def kill_when_written(recipe: Path, output: Path, work: Path, checkpoint: Path) -> None:
+    """Start compress and SIGKILL it as soon as ``checkpoint`` exists, before its training ends."""
+    log_path = work.parent / f"killed-{checkpoint.stem}.log"
+    with open(log_path, "w") as log:
         process = subprocess.Popen(compress_command(recipe, output, work), stdout=log, stderr=log,
                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + 240
@@ -182,9 +182,14 @@ def kill_during_training(recipe: Path, output: Path, work: Path, step: int) -> N
             time.sleep(0.005)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert process.returncode == -signal.SIGKILL, (work.parent / f"killed-{step}.log").read_text()[-3000:]
-    assert not (work / f"after-step-{step}.pt").exists(), "killed too late: step finished"
+    assert process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
     assert torch.load(checkpoint, weights_only=True)["step"] < TRAINING_STEPS
+
+
+def kill_during_training(recipe: Path, output: Path, work: Path, step: int) -> None:
+    """Start compress and SIGKILL it as soon as the training checkpoint of ``step`` exists."""
+    kill_when_written(recipe, output, work, work / f"step-{step}-training.pt")
+    assert not (work / f"after-step-{step}.pt").exists(), "killed too late: step finished"
 
 
 @pytest.fixture(scope="module")
@@ -251,17 +256,7 @@ def test_sigkilled_joint_pruning_resumes_to_the_uninterrupted_delta(tmp_path, jo
     recipe, expected = joint_uninterrupted
     work, output = tmp_path / "work", tmp_path / "delta.safetensors"
     work.mkdir()
-    checkpoint = work / f"step-0-{phase}.pt"
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(compress_command(recipe, output, work), stdout=log, stderr=log,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
-    assert torch.load(checkpoint, weights_only=True)["step"] < TRAINING_STEPS
+    kill_when_written(recipe, output, work, work / f"step-0-{phase}.pt")
     stderr = run_compress(recipe, output, work)
     description = "joint pruning" if phase == "training" else "final distillation"
     started = re.search(rf"^training: step 0 {description} start=(\d+) end={TRAINING_STEPS}$", stderr, re.M)
