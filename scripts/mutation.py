@@ -12,7 +12,8 @@ other as ``unexplained``; the exit status is 1 while an unexplained or unchecked
 It never touches the working tree: each module runs in a fresh copy under ``--work`` (of the working
 tree without .git and .venv, or of a commit with ``--rev``), with mutmut in its own virtual
 environment whose site-packages extends the project's (torch and s3prl are not installed twice).
-mutmut runs niced (19) with one worker. Usage::
+mutmut runs niced (19) with one worker (``--workers N`` for more: at nice 19 they take only idle
+cores; mutmut's timeouts count CPU time, so a busy machine does not turn mutants into timeouts). Usage::
 
     .venv/bin/python scripts/mutation.py                       # all five modules, full runs
     .venv/bin/python scripts/mutation.py model/sparse.py       # one module
@@ -20,7 +21,27 @@ mutmut runs niced (19) with one worker. Usage::
     .venv/bin/python scripts/mutation.py model/sparse.py --rev REV --added-tests tests/test_sparse.py
     .venv/bin/python scripts/mutation.py model/sparse.py --rev REV --added-tests tests/test_sparse.py --again
 
-``--time-limit S`` stops a module's run after S seconds (the rest count as ``not_checked``).
+``--tests-rev OLD`` makes the "before" the suite as it stood at commit OLD, run against ``--rev``'s source
+(e.g. the commit where a stretch of test writing began): each of the module's test files that OLD lacks
+is left out, one that has only grown since (lines added, none changed) is taken as of OLD, and one edited
+since (to follow a change of the source, say) keeps ``--rev``'s content; the run prints which per file.
+``--again`` then brings every file so replaced or left out in from the working tree (the "after")::
+
+    .venv/bin/python scripts/mutation.py delta.py --rev NEW --tests-rev OLD
+    .venv/bin/python scripts/mutation.py delta.py --rev NEW --tests-rev OLD --again
+
+``--tests-from-tree`` (with ``--rev``) instead takes the module's test files from the working tree onto
+``--rev``'s source: the "after" count in one fresh run (cheaper than a "before" and ``--again`` where
+the old suite lets many mutants survive, since a killed mutant costs one quick test and a survivor all
+of them). Each of these choices has its own copy under ``--work`` (``MODULE@REV+tests@OLD``,
+``MODULE@REV+tree-tests``); ``--again``, ``--resume`` and ``--report`` take the same options to find it.
+
+``--time-limit S`` stops a module's run after S seconds (the rest count as ``not_checked``); ``--resume``
+then checks the rest, in the same copy with the same tests. ``--again --only NAME_END...`` retries just the
+mutants a new test was written for. ``--tests FILE...`` runs with a subset of the module's test files (its
+own copy), e.g. without tests/test_train.py, whose subprocess runs cost minutes for every survivor; its
+kills are then not counted, so survivors are an upper bound. Tests that start Python processes import the
+mutated package too (``PYTHONPATH``), so a mutant runs in those processes as well.
 
 Why mutmut and not cosmic-ray: mutmut 3 records which tests reach which function and forks a
 warmed-up process per mutant (forkserver isolation, safe with torch), so a mutant costs only the
@@ -60,12 +81,16 @@ MODULES: dict[str, list[str]] = {
 CUDA_ONLY = ("CUDA only: the 2:4 kernel; tests/test_weight_pruning.py::test_two_four_runs_on_semi_structured_kernels_on_cuda"
              " runs it where a GPU is present")
 
+STREAM_SHUFFLE = ("equivalent: which shuffle a (seed, epoch) gets is arbitrary; the tests check what matters: the "
+                  "same (seed, epoch) gives the same batches (with or without workers, on resume, after the plan's "
+                  "cache dropped it), another seed or epoch gives other ones")
 SELECTION_DEFAULT = 'equivalent: the default is only compared with "global", so any other value means per layer'
 CRITERION_DEFAULT = 'equivalent: the default is only compared with "data_driven", so any other value means l1 (no normalising)'
 
 # Surviving mutants that no test can kill because they change no behaviour, as
 # (module, function, a fragment of the mutated line, why). Matched on the mutated code, not on
-# mutmut's mutant numbers, so the list stays right when the module's other functions change.
+# mutmut's mutant numbers, so the list stays right when the module's other functions change; a
+# fragment starting with "-" matches a line the mutant deletes (an argument left out) instead.
 EXPLAINED: list[tuple[str, str, str, str]] = [
     ("model/sparse.py", "_SemiStructuredKernel.__init__", "", CUDA_ONLY),
     ("model/sparse.py", "_SemiStructuredKernel.__call__", "", CUDA_ONLY),
@@ -75,11 +100,32 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     ("model/sparse.py", "_CsrKernel.__call__", "if rows.shape[1] == 0:",
      "equivalent: split and mm give the right (0, out) result for zero rows anyway (the guard is a shortcut), "
      "and a Linear with zero inputs never gets a CSR kernel (_choose: no weights, dense)"),
-    ("model/sparse.py", "_CsrKernel.__call__", "if (self.chunk) and False else",
-     "equivalent: one multiply over all rows gives the same product; chunking is for speed (cache)"),
     ("model/sparse.py", "_CsrKernel.__call__", "if (self.chunk) or True else",
      "CUDA only: chunk is None only on a GPU (forced CSR); on CPU it is always set"),
     ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, device=None)", "CUDA only: on CPU None is the mask's device"),
+    *(("model/sparse.py", "_CsrKernel.__init__", fragment, "equivalent: the matrix built here is well formed "
+       "(tests/test_sparse.py::test_the_csr_matrix_built_without_invariant_checks_is_well_formed), so checking its "
+       "invariants (True) only costs time; None is torch's default, off")
+      for fragment in ("check_invariants=None)", "check_invariants=True)", "-check_invariants=False)")),
+    *(("model/sparse.py", "MaskedLinear._choose", fragment, "CUDA only: the branch for weights on a GPU (on CPU "
+       "the device test is false either way)") for fragment in (
+        'if weight.device.type == "XXcudaXX":', 'if weight.device.type == "CUDA":', 'if mode != "auto":',
+        'if mode == "XXautoXX":', 'if mode == "AUTO":', '            return "XXdenseXX"',  # indented 12: not the CPU ones
+        '            return "DENSE"', "is_two_four(")),
+    *(("model/sparse.py", "MaskedLinear._current_kernel", fragment, "CUDA only: the 2:4 branch (_choose picks "
+       "semi_structured only for weights on a GPU)") for fragment in (
+        'if choice == "XXsemi_structuredXX":', 'if choice == "SEMI_STRUCTURED":', "_SemiStructuredKernel(",
+        "            kernel = None", "warnings.warn(None)", '            choice = None', '            choice = "XXcsrXX"',
+        '            choice = "CSR"')),  # indented 12: inside that branch's try / except
+    *(("model/sparse.py", "MaskedLinear.set_mask", fragment, "equivalent: copy_ into the bool mask buffer moves and "
+       "casts the new mask exactly as .to(device=the buffer's, dtype=torch.bool) does")
+      for fragment in ("mask.to(device=None, dtype=torch.bool)", "mask.to(device=self.mask.device, dtype=None)",
+                       "mask.to(dtype=torch.bool)", "mask.to(device=self.mask.device, )")),
+    *(("model/sparse.py", "MaskedLinear.from_linear", fragment, "equivalent: the meta device only saves a random "
+       "initialisation that to_empty, the copies and set_mask overwrite anyway")
+      for fragment in ("linear.bias is not None, device=None,", "linear.bias is not None, dtype=linear.weight.dtype)")),
+    ("model/sparse.py", "_CsrKernel.__init__", '(weight.device.type == "cpu") or True else None',
+     "CUDA only: on CPU the condition is true anyway"),
     ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, ))", "CUDA only: on CPU the default is the mask's device"),
     ("compress/selection.py", "choose", "max(layers, default=-2)",
      "equivalent: only an empty layers list takes the default, and any negative one is below every layer count"),
@@ -90,8 +136,38 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     *(("delta.py", "_sparsity_summary", fragment, "the manifest's sparsity scope is prose for people (a test "
        "checks it names the biases); its wording and case are not behaviour")
       for fragment in ('"XXweights of the masked', "encoder linears listed", '"XXfront end,', '"FRONT END, THE')),
+    *(("train/stream.py", "BatchPlan._plan", f"rng = random.Random({seeding})", STREAM_SHUFFLE)
+      for seeding in ("self.seed * 100_003 - epoch", "self.seed / 100_003 + epoch", "self.seed * 100004 + epoch")),
+    ("train/stream.py", "BatchPlan._plan", "or batches[:2]",
+     "equivalent: the fallback never runs: __init__ refuses fewer than batch_size files, so the first pool (every "
+     "file, or POOL_BATCHES batches of them) always yields a full batch"),
+    ("train/stream.py", "BatchPlan._cut", "if (current) or True else",
+     "equivalent: a pool is never empty (a slice of range(0, n, per_pool)), so current holds its last file(s)"),
+    ("train/stream.py", "BatchPlan.epoch", "if len(self._epoch_cache) >= 2:",
+     "equivalent in results: a smaller cache; an epoch dropped from it is planned again identically (tested)"),
+    ("train/stream.py", "BatchPlan.locate", "while self._steps_before[-1] < step:",
+     "equivalent: bisect_right puts a step equal to the last known epoch start into that epoch at position 0, so "
+     "growing the table one epoch later changes nothing"),
+    ("train/stream.py", "collate", 'item.error or "XXXX"',
+     "equivalent: an item without audio always has an error (CroppedAudio sets one wherever wav is None)"),
+    ("train/stream.py", "CroppedAudio.__getitem__", "return Item(wav, None)",
+     "equivalent: a decoded item's path is never read (collate names only the files that failed)"),
+    ("train/stream.py", "batch_loader", "persistent_workers=None,",
+     "equivalent: DataLoader reads persistent_workers as a truth value, and None is false"),
+    ("train/stream.py", "batch_loader", "-persistent_workers=False,", "equivalent: False is DataLoader's default"),
+    *(("train/stream.py", "warn_skipped", fragment, "flushing decides only when the warning is written, not what "
+       "or where (tested)") for fragment in ("flush=None)", "flush=False)", "file=sys.stderr, )")),
+    ("train/stream.py", "Batch.pin_memory", "", "CUDA only: pinning needs an accelerator (on CPU torch refuses it), "
+     "and training pins its batches only on CUDA"),
     ("compress/importance.py", "_gate_hooks", "requires_grad=True, device=None)", "CUDA only: on CPU None is the model's device"),
     ("compress/importance.py", "_gate_hooks", "requires_grad=True, )", "CUDA only: on CPU the default is the model's device"),
+    ("compress/importance.py", "data_driven_scores", "padded.to(None)",
+     "CUDA only: on CPU the audio is already on the gates' device"),
+    ("compress/importance.py", "data_driven_scores", "lengths.to(None)",
+     "CUDA only: on CPU the lengths are already on the gates' device"),
+    ("compress/importance.py", "data_driven_scores", "generator=generator).to(None)",
+     "CUDA only: the projection is drawn on the CPU (seeded generator); there, for a float32 model, it already has "
+     "the state's device and dtype"),
     ("compress/importance.py", "_gate_hooks", "return (x / gate.repeat_interleave(group),)",
      "equivalent: at gate 1, x / gate has derivative -x where x * gate has x; the score squares the gradient"),
     ("compress/importance.py", "data_driven_scores", "p.requires_grad_(True)",
@@ -99,6 +175,9 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     ("compress/importance.py", "data_driven_scores", "count = 1",
      "changes only the common scale, sqrt(n / (n + 1)) for every score: per-layer rankings and the per-layer "
      "L2-normalised global order are the same (killable only by a statistical test of the magnitude)"),
+    ("compress/importance.py", "data_driven_scores", "max(count, 2)",
+     "differs only where one batch is scored with one projection (count 1), and there divides every score by "
+     "sqrt(2): a common scale, so per-layer rankings and the per-layer L2-normalised global order are the same"),
     *(("compress/importance.py", "data_driven_scores", fragment, "the progress bar's text and persistence, not results")
       for fragment in ("tqdm(batches, desc=None,", "leave=None)", "tqdm(batches, unit=", 'kind}", leave=False)',
                        'unit="batch", )', 'unit="XXbatchXX"', 'unit="BATCH"', "leave=True)")),
@@ -159,6 +238,30 @@ def pytest_collection_modifyitems(session, config, items):
 """
 
 
+LEFT_OUT = '"""Left out of this mutation run."""\n'  # an empty file keeps mutmut's config valid
+REPLACED = "mutation_replaced_tests.json"  # in a copy: the test files --again brings in from the working tree
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True)
+
+
+def take_old_test(copy: Path, test: str, tests_rev: str, rev: str | None) -> str:
+    """Puts ``test`` as it was at ``tests_rev`` into ``copy`` where it has only grown since; says what it did."""
+    old = git("show", f"{tests_rev}:{test}")
+    if old.returncode:
+        (copy / test).write_text(LEFT_OUT)
+        return f"left out (not in {tests_rev})"
+    numstat = git("diff", "--numstat", tests_rev, *([rev] if rev else []), "--", test).stdout.decode().split()
+    if not numstat:
+        return f"unchanged since {tests_rev}"
+    added, deleted = numstat[:2]
+    if deleted != "0":
+        return f"kept at {rev or 'the working tree'} (edited since {tests_rev}: +{added} -{deleted} lines)"
+    (copy / test).write_bytes(old.stdout)
+    return f"as of {tests_rev} (the {added} lines added since are left out)"
+
+
 def write_config(copy: Path, module: str, tests: list[str]) -> None:
     """mutmut's [mutmut] section for one module; everything else of the repository is copied beside it."""
     (copy / "mutation_test_order.py").write_text(ORDER_PLUGIN)
@@ -185,22 +288,30 @@ def explanation(module: str, name: str, diff: str) -> str | None:
     # upstream_compressed.train.stream.xǁBatchPlanǁ_plan__mutmut_7 -> BatchPlan._plan
     function = re.sub(r"__mutmut_\d+$", "", name.rsplit(".", 1)[-1])
     function = re.sub(r"^x[_ǁ]", "", function).replace("ǁ", ".")
-    added = "\n".join(line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
+    lines = diff.splitlines()
+    added = "\n".join(line[1:] for line in lines if line.startswith("+") and not line.startswith("+++"))
+    removed = "\n".join(line[1:] for line in lines if line.startswith("-") and not line.startswith("---"))
     for where, func, fragment, why in EXPLAINED:
-        if where == module and function.endswith(func) and fragment in added:
+        deleted = fragment.startswith("-") and fragment[1:] in removed and fragment[1:] not in added
+        if where == module and function.endswith(func) and (deleted or fragment in added):
             return why
     return None
 
 
-def run_mutmut(python: Path, copy: Path, mutants: list[str], time_limit: float | None) -> None:
-    """``mutmut run`` in ``copy`` (all mutants, or only ``mutants``), niced, one worker, output to mutmut.log.
+def run_mutmut(python: Path, copy: Path, mutants: list[str], time_limit: float | None, workers: int = 1) -> None:
+    """``mutmut run`` in ``copy`` (all mutants, or only ``mutants``), niced, ``workers`` workers, output to mutmut.log.
 
     After ``time_limit`` seconds it is stopped; mutmut saves each verdict as it goes, so the mutants
     it had not reached count as ``not checked``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
+           # tests that start Python processes (tests/workers, torchrun) import the package from the mutated
+           # copy too: the tool venv sees the project's site-packages but not its editable install
+           "PYTHONPATH": os.pathsep.join(filter(None, [str((copy / "mutants").resolve()),
+                                                       os.environ.get("PYTHONPATH")]))}
     log = copy / "mutmut.log"
     with open(log, "a") as out:
-        process = subprocess.Popen(["nice", "-n", "19", str(python), "-m", "mutmut", "run", "--max-children", "1",
+        process = subprocess.Popen(["nice", "-n", "19", str(python), "-m", "mutmut", "run",
+                                    "--max-children", str(workers),
                                     *mutants], cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
@@ -222,32 +333,55 @@ def exit_codes_of(copy: Path, module: str) -> dict[str, int | None]:
 
 
 def run_module(python: Path, work: Path, module: str, show: bool, added_tests: list[str], rev: str | None,
-               again: bool, time_limit: float | None, report_only: bool = False) -> dict[str, int]:
-    copy = work / (module.replace("/", "_").removesuffix(".py") + (f"@{rev}" if rev else ""))
-    if report_only:
+               again: bool, time_limit: float | None, report_only: bool = False,
+               tests_rev: str | None = None, workers: int = 1, tree_tests: bool = False,
+               resume: bool = False, only: list[str] | None = None,
+               test_files: list[str] | None = None) -> dict[str, int]:
+    suffix = f"+tests@{tests_rev}" if tests_rev else "+tree-tests" if tree_tests else ""
+    if test_files:  # a subset of the module's test files (say, to leave out slow ones): its own copy
+        suffix += "+" + "+".join(Path(t).stem for t in test_files)
+    selected = test_files or MODULES[module]
+    copy = work / (module.replace("/", "_").removesuffix(".py") + (f"@{rev}" if rev else "") + suffix)
+    if report_only or resume:
         if not (copy / "setup.cfg").exists():
-            sys.exit(f"--report needs an earlier run in {copy}")
+            sys.exit(f"--report and --resume need an earlier run in {copy}")
+        if resume:  # mutmut keeps every verdict it reached: a plain run checks only the others
+            print(f"== {module}: resumed (in {copy})", flush=True)
+            run_mutmut(python, copy, [], time_limit, workers)
     elif again:
         # Same copy, same mutants, same config; only the added tests come in from the working tree. Kills
         # stand (tests are only added), every other mutant is tried again, new tests found by mutmut itself.
         if not (copy / "setup.cfg").exists():
             sys.exit(f"--again needs an earlier run in {copy}")
-        for test in added_tests:
+        replaced = json.loads((copy / REPLACED).read_text()) if (copy / REPLACED).exists() else []
+        for test in sorted(set(added_tests) | set(replaced)):
+            print(f"   {test}: from the working tree", flush=True)
             shutil.copy2(REPO / test, copy / test)
-        retry = [name for name, code in exit_codes_of(copy, module).items() if code not in KILLED_CODES]
+        retry = [name for name, code in exit_codes_of(copy, module).items() if code not in KILLED_CODES
+                 and (not only or name.endswith(tuple(only)))]
         print(f"== {module}: again, {len(retry)} mutants not killed before (in {copy})", flush=True)
         if retry:
-            run_mutmut(python, copy, retry, time_limit)
+            run_mutmut(python, copy, retry, time_limit, workers)
     else:
         fresh_copy(copy, rev)
-        for test in added_tests:  # the "before" count: the suite without these (an empty file keeps mutmut's config)
-            (copy / test).write_text('"""Left out of this mutation run."""\n')
-        tests = [t for t in MODULES[module] if (copy / t).exists()]
+        for test in added_tests:  # the "before" count: the suite without these
+            (copy / test).write_text(LEFT_OUT)
+        replaced = []
+        for test in selected if tests_rev else []:  # the "before" count: the suite as of tests_rev
+            if test not in added_tests:
+                how = take_old_test(copy, test, tests_rev, rev)
+                print(f"   {test}: {how}", flush=True)
+                replaced += [] if how.startswith(("unchanged", "kept")) else [test]
+        for test in selected if tree_tests and rev else []:  # the "after" count in one fresh run
+            shutil.copy2(REPO / test, copy / test)
+            replaced.append(test)
+        (copy / REPLACED).write_text(json.dumps(replaced))
+        tests = [t for t in selected if (copy / t).exists()]
         if not tests:  # mutmut would fall back to the whole suite
-            sys.exit(f"none of {MODULES[module]} exists in {copy}")
+            sys.exit(f"none of {selected} exists in {copy}")
         write_config(copy, module, tests)
         print(f"== {module}: mutmut over {' '.join(tests)} (in {copy})", flush=True)
-        run_mutmut(python, copy, [], time_limit)
+        run_mutmut(python, copy, [], time_limit, workers)
     exit_codes = exit_codes_of(copy, module)
     counts = {"total": len(exit_codes), "killed": 0, "survived": 0, "explained": 0, "unexplained": 0, "timeout": 0,
               "other": 0, "not_checked": 0}
@@ -280,23 +414,41 @@ def main() -> None:
                         help="virtual environment for mutmut (created if missing)")
     parser.add_argument("--added-tests", nargs="+", default=[], metavar="TEST_FILE",
                         help="test files added against survivors: left out of a fresh run (the 'before' count), "
-                             "brought in from the working tree by --again (the 'after' count)")
+                             "brought in from the working tree by --again (the 'after' count; also conftest.py "
+                             "or helpers.py where new tests need them)")
     parser.add_argument("--rev", help="mutate and test the committed tree of this git revision instead (the "
                         "'before' count: e.g. the commit before the tests written against surviving mutants)")
+    parser.add_argument("--tests-rev", metavar="OLD", help="the 'before' count: the module's test files as they were "
+                        "at this revision (left out where it has none, kept where edited since rather than grown), "
+                        "against the source of --rev (or the working tree); --again brings them in from the "
+                        "working tree")
     parser.add_argument("--again", action="store_true",
                         help="reuse the last run's copy and retry only the mutants it did not kill, with the "
                              "--added-tests (the 'after' count of a 'before' run)")
+    parser.add_argument("--tests-from-tree", action="store_true", help="with --rev: the module's test files from "
+                        "the working tree on the source of --rev (the 'after' count in one fresh run)")
+    parser.add_argument("--tests", nargs="+", metavar="TEST_FILE", help="run with these of the module's test files "
+                        "only (its own copy; e.g. without slow subprocess tests, whose kills are then not counted)")
+    parser.add_argument("--only", nargs="+", metavar="NAME_END", help="with --again: retry only the mutants whose "
+                        "name ends so (e.g. data_driven_scores__mutmut_66), the ones a new test was written for")
+    parser.add_argument("--resume", action="store_true",
+                        help="check the mutants the last run did not reach (stopped by --time-limit or a kill)")
     parser.add_argument("--report", action="store_true", help="only count the last run's results again")
     parser.add_argument("--time-limit", type=float, help="stop each module's mutmut run after this many seconds")
+    parser.add_argument("--workers", type=int, default=1, help="mutmut's worker processes (default 1)")
     parser.add_argument("--show-survivors", action="store_true", help="print explained survivors' diffs too")
     args = parser.parse_args()
+    if args.tests_rev and args.tests_from_tree:
+        parser.error("--tests-rev (the 'before') and --tests-from-tree (the 'after') exclude each other")
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a kill also stops mutmut's process group
     python = tool_python(args.tool_venv)
     results = {module: run_module(python, args.work, module, args.show_survivors, args.added_tests, args.rev,
-                                  args.again, args.time_limit, args.report) for module in args.modules}
+                                  args.again, args.time_limit, args.report, args.tests_rev, args.workers,
+                                  args.tests_from_tree, args.resume, args.only, args.tests)
+               for module in args.modules}
     print(json.dumps({"mutmut": MUTMUT_VERSION, "rev": args.rev or "working tree", "modules": results}, sort_keys=True))
     sys.exit(1 if any(r["unexplained"] or r["not_checked"] for r in results.values()) else 0)
 

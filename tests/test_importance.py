@@ -281,3 +281,14 @@ def test_scores_see_only_the_first_max_seconds_and_the_seeds_sample_of_the_files
         sampled = data_driven_scores(copy.deepcopy(hubert), kind, str(audio_dir), 3, 0.5, 2, 2, seed=1)
         alone = data_driven_scores(copy.deepcopy(hubert), kind, str(cut), 3, 30.0, 2, 2, seed=1)
         assert all(torch.equal(a, b) for a, b in zip(sampled, alone))
+
+
+def test_a_one_layer_model_is_scored(audio_dir):
+    """Every tensor goes to the device of the gates, whichever layer's (a survivor read the second layer's)."""
+    torch.manual_seed(0)
+    config = ModelConfig(kind=DISTILLER, embed_dim=32, head_dim=8, layers=[LayerConfig(4, 48)], conv_layers=TINY_CONV,
+                         conv_pos=16, conv_pos_groups=4, layer_norm_first=True, feature_layer_norm=False)
+    model = SpeechTransformer(config).eval()
+    for kind, size in (("heads", 4), ("units", 48)):
+        (layer,) = data_driven_scores(model, kind, str(audio_dir), max_utterances=4, batch_size=2, projections=2)
+        assert layer.shape == (size,) and bool((layer > 0).all())

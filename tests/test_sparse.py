@@ -252,3 +252,51 @@ def test_the_csr_matrix_built_without_invariant_checks_is_well_formed():
         checked = torch.sparse_csr_tensor(matrix.crow_indices(), matrix.col_indices(), matrix.values(), matrix.shape,
                                           check_invariants=True)  # raises if the rows' starts or columns are wrong
     assert torch.equal(checked.to_dense(), module.weight.detach() * module.mask)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_csr_kernel_multiplies_cpu_frames_in_chunks_of_cpu_chunk_rows(monkeypatch, bias):
+    """CPU_CHUNK_ROWS frames at a time (the activations it streams stay in cache); the last chunk is the rest."""
+    from upstream_compressed.model.sparse import CPU_CHUNK_ROWS
+
+    module = masked(9, 12, sparsity=0.8, bias=bias)
+    module.execution = "sparse"
+    x = torch.randn(2, 50, 12, generator=torch.Generator().manual_seed(0))
+    chunks = []
+    for name in ("mm", "addmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *args, real=real: chunks.append(args[-1].shape[1]) or real(*args))
+    with torch.no_grad():
+        out = module(x)
+    monkeypatch.undo()
+    assert chunks == [CPU_CHUNK_ROWS] * 3 + [100 - 3 * CPU_CHUNK_ROWS]
+    assert torch.allclose(out, reference(module, x), atol=1e-5)
+
+
+def test_auto_below_the_break_even_sparsity_also_restores_zeros_written_into_pruned_weights():
+    module = masked(8, 12, sparsity=0.5)  # auto on CPU: dense below CPU_MIN_SPARSITY
+    assert module.kernel_name() == "dense"
+    pruned = ~module.mask
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        module.weight[pruned] = 5.0  # e.g. an optimizer step that ignored the mask
+        out = module(x)
+    assert torch.equal(module.weight[pruned], torch.zeros(int(pruned.sum())))
+    assert torch.allclose(out, reference(module, x), atol=1e-5)
+
+
+def test_the_cached_kernel_follows_a_new_bias_parameter():
+    module = masked(16, 16, sparsity=0.9)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        module(x)  # plans and caches the CSR kernel, which holds the bias
+        module.bias = nn.Parameter(module.bias + 1)
+        assert torch.allclose(module(x), reference(module, x), atol=1e-5)
+    assert module.kernel_name() == "csr"
+
+
+def test_a_masked_linear_is_built_on_the_device_it_is_given():
+    """from_linear builds on "meta" (no memory, no random init) and then moves: weight, bias and mask all follow."""
+    module = MaskedLinear(12, 8, device="meta")
+    assert {t.device.type for t in (module.weight, module.bias, module.mask)} == {"meta"}
+    assert module.mask.dtype == torch.bool and module.mask.shape == (8, 12)
