@@ -48,7 +48,7 @@ from ..train.gates import (
     gated,
 )
 from . import MAC_SECONDS, STEPS, StepContext
-from .options import check_number, check_objective, check_training_options, is_number
+from .options import check_number, check_training_options, is_number
 
 STEP_OPTIONS = ("structures", "target_params", "target_macs", "target_warmup_steps", "gate_lr", "lagrangian_lr",
                 "final_distillation")
@@ -84,7 +84,6 @@ def validate(step: dict[str, Any], where: str) -> None:
     check_number(step, where, "target_warmup_steps", integer=True, zero_ok=True)
     training = _training_options(step)
     check_training_options(training, where)  # target_warmup_steps beyond steps is capped (runs cut for smoke tests)
-    check_objective(training, where)
     if "final_distillation" in step:
         check_training_options(step["final_distillation"], f"{where}.final_distillation")
 

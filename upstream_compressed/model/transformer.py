@@ -213,13 +213,12 @@ class SpeechTransformer(nn.Module):
             )
         self.feature_extractor = self.feature_extractor.keep_channels(conv_layer, channels)
         if last:
+            index = torch.as_tensor([int(i) for i in channels], dtype=torch.long)
             if self.feature_norm is not None:
                 self.feature_norm = select_norm(self.feature_norm, channels)
             if self.feature_scale is not None:
-                self.feature_scale = self.feature_scale[torch.as_tensor([int(i) for i in channels], dtype=torch.long)]
-            self.feature_projection = select_columns(
-                self.feature_projection, torch.as_tensor([int(i) for i in channels], dtype=torch.long)
-            )
+                self.feature_scale = self.feature_scale[index]
+            self.feature_projection = select_columns(self.feature_projection, index)
         _, kernel, stride = c.conv_layers[conv_layer]
         c.conv_layers[conv_layer] = (len(channels), kernel, stride)
         if last and c.conv_dim == c.embed_dim:
