@@ -21,8 +21,9 @@ from upstream_compressed.delta import DeltaError, load_compressed, write_delta
 from upstream_compressed.model import SpeechTransformer
 from upstream_compressed.model.config import TORCHAUDIO
 from upstream_compressed.model.layers import factorize
-from upstream_compressed.model.convert import CheckpointError, Converted, detect_format, load_base
-from upstream_compressed.model.convert_torchaudio import TORCHAUDIO_FORMAT, to_torchaudio_checkpoint
+from upstream_compressed.model.formats import torchaudio as torchaudio_layout
+from upstream_compressed.model.convert import (TORCHAUDIO_FORMAT, CheckpointError, Converted, detect_format, load_base,
+                                               to_s3prl_checkpoint)
 from upstream_compressed.recipe import parse_recipe
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
 from upstream_compressed.testing.torchaudio_checkpoints import (
@@ -139,7 +140,7 @@ def test_frame_count_follows_torchaudio_for_utterances_shorter_than_a_frame(tmp_
 def test_round_trip_ours_to_torchaudio_and_back_is_exact(variant_ckpt, tmp_path):
     converted = load_base(variant_ckpt)
     written = tmp_path / "written.pth"
-    torch.save(to_torchaudio_checkpoint(converted), written)
+    torch.save(to_s3prl_checkpoint(converted), written)
     again = load_base(written)
     assert again.config == converted.config
     assert again.state_dict.keys() == converted.state_dict.keys()
@@ -155,7 +156,7 @@ def test_a_stock_file_written_back_loads_in_torchaudio_itself(tmp_path, padded_b
     from torchaudio.models import wav2vec2_model
 
     converted = load_base(make_torchaudio_checkpoint(tmp_path / "s.pth"))
-    written = to_torchaudio_checkpoint(converted)
+    written = to_s3prl_checkpoint(converted)
     model = wav2vec2_model(**written["config"]).eval()
     model.load_state_dict(written["state_dict"], strict=True)
     theirs, _ = torchaudio_states(model, padded_batch)
@@ -172,7 +173,7 @@ def test_a_head_pruned_stock_model_is_written_in_dphubert_s_layout(tmp_path, pad
     model.remove_attention(2)
     compressed = Converted(model.config, model.state_dict(), converted.source_format, converted.extras)
     written = tmp_path / "pruned.pth"
-    torch.save(to_torchaudio_checkpoint(compressed), written)
+    torch.save(to_s3prl_checkpoint(compressed), written)
     config = torch.load(written, weights_only=True)["config"]
     assert config["encoder_num_heads"] == [1, 3, 3] and config["encoder_head_dim"] == 16
     assert config["encoder_ff_interm_features"] == [40, 14, 40]
@@ -220,9 +221,9 @@ def test_what_the_layout_cannot_hold_is_refused_when_writing(tmp_path, hubert_ck
     model = SpeechTransformer.from_state_dict(converted.config, converted.state_dict)
     model.replace_linear(0, "fc1", factorize(model.linear(0, "fc1"), 4))
     with pytest.raises(ValueError, match="no low-rank Linears"):
-        to_torchaudio_checkpoint(Converted(model.config, model.state_dict(), TORCHAUDIO_FORMAT, converted.extras))
+        to_s3prl_checkpoint(Converted(model.config, model.state_dict(), TORCHAUDIO_FORMAT, converted.extras))
     with pytest.raises(ValueError, match="a hubert model has another hidden-state layout"):
-        to_torchaudio_checkpoint(load_base(hubert_ckpt))
+        torchaudio_layout.write(load_base(hubert_ckpt))
 
 
 # --------------------------------------------------------------------------------- upstreams

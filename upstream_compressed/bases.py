@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .embedded import BUNDLED, bundled_checkpoint
-from .model.config import DISTILLER, HUBERT, MELHUBERT, TORCHAUDIO
+from .model.convert import DISTILLER_FORMAT, HUBERT_FORMAT, MELHUBERT_FORMAT, TORCHAUDIO_FORMAT
 
 # S3PRL's own download locations for the bases we support by name (converted formats, no fairseq).
 KNOWN_BASES = {
@@ -16,9 +16,10 @@ KNOWN_BASES = {
 }
 KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
 
-# The upstream-name prefix of each model kind. torchaudio's wav2vec2 layout is DPHuBERT's (a HuBERT-family
+# The upstream-name prefix of each checkpoint layout. torchaudio's wav2vec2 layout is DPHuBERT's (a HuBERT-family
 # model whose hidden states follow DPHuBERT's extract_features): dphubert_local, dphubert_headpruned, ...
-FAMILY_OF_KIND = {HUBERT: "hubert", DISTILLER: "distilhubert", MELHUBERT: "melhubert", TORCHAUDIO: "dphubert"}
+FAMILY_OF_FORMAT = {HUBERT_FORMAT: "hubert", DISTILLER_FORMAT: "distilhubert", MELHUBERT_FORMAT: "melhubert",
+                    TORCHAUDIO_FORMAT: "dphubert", "s3prl_wavlm": "wavlm", "s3prl_wav2vec2": "wav2vec2"}
 
 
 def download_known_base(name: str, refresh: bool = False) -> Path:

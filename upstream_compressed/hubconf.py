@@ -36,7 +36,7 @@ from .model.trust import TRUST_OPTION, trusting
 
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
-FAMILIES = ("hubert", "distilhubert", "melhubert", "dphubert")
+FAMILIES = ("hubert", "distilhubert", "melhubert", "dphubert", "wavlm", "wav2vec2")
 OPTION_NAMES = ("base", "mean_std", "sparse_execution", TRUST_OPTION)  # what a -g yaml may set
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
@@ -175,8 +175,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
 def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
     """A torchaudio wav2vec2-layout checkpoint as it is (-k): DPHuBERT's hidden states, projected features first."""
     from .model import SpeechTransformer
-    from .model.convert import CheckpointError, load_base
-    from .model.convert_torchaudio import TORCHAUDIO_FORMAT
+    from .model.convert import TORCHAUDIO_FORMAT, CheckpointError, load_base
 
     if not ckpt:
         raise DeltaError("no checkpoint given: pass a DPHuBERT / torchaudio wav2vec2 checkpoint ({state_dict, config}) as -k")

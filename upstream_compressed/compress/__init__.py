@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..bases import FAMILY_OF_KIND, resolve_base
+from ..bases import FAMILY_OF_FORMAT, resolve_base
 from ..delta import Delta, Structure, make_delta, sha256_file
 from ..model import ModelConfig, SpeechTransformer
 from ..model.convert import Converted, load_base
@@ -71,7 +71,7 @@ def base_identity(spec: str, path: Path, base: Converted) -> dict[str, Any]:
         "file_name": path.name,
         "sha256": sha256_file(path),
         "format": base.source_format,
-        "family": FAMILY_OF_KIND[base.config.kind],
+        "family": FAMILY_OF_FORMAT[base.source_format],
     }
     if "mean_std" in base.extras:  # MelHuBERT: the fbank statistics are part of the base
         stats = Path(base.extras["mean_std"]).resolve()

@@ -31,7 +31,7 @@ Key names, torchaudio -> ours:
 =====================================================================  =================================
 
 A fine-tuning head (``aux.*``) and DPHuBERT's ``distill_linear_projs`` are kept aside, so writing
-back (:func:`to_torchaudio`) gives the same file. Hidden states follow DPHuBERT's ``extract_features``
+back (:func:`write`) gives the same file. Hidden states follow DPHuBERT's ``extract_features``
 (kind ``torchaudio``): the projected features (padded frames zeroed), then every layer's output.
 """
 
@@ -41,9 +41,10 @@ from typing import Any
 
 from torch import Tensor
 
-from .config import TORCHAUDIO, LayerConfig, ModelConfig
+from ..config import TORCHAUDIO, LayerConfig, ModelConfig
+from .common import Converted
 
-TORCHAUDIO_FORMAT = "torchaudio_wav2vec2"
+NAME = "torchaudio_wav2vec2"
 DPHUBERT, STOCK = "dphubert", "torchaudio"  # the two flavours of the config (see the module docstring)
 HUBERT_BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 # Where the positional conv's weight norm lives: torch's old hook or its parametrizations (torchaudio >= 2.2).
@@ -57,7 +58,7 @@ DPHUBERT_ONLY = ("encoder_use_attention", "encoder_use_feed_forward", "encoder_h
                  *PRUNE_FLAGS)
 
 
-def is_torchaudio(ckpt: dict[str, Any]) -> bool:
+def matches(ckpt: dict[str, Any]) -> bool:
     config = ckpt.get("config")
     return isinstance(ckpt.get("state_dict"), dict) and isinstance(config, dict) and "encoder_embed_dim" in config
 
@@ -120,8 +121,8 @@ def _check_supported(cfg: dict[str, Any], state: dict[str, Tensor]) -> None:
         raise ValueError(f"unknown extractor_mode {cfg['extractor_mode']!r}; torchaudio knows group_norm and layer_norm")
 
 
-def from_torchaudio(ckpt: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
-    """(config, state dict, extras) of a ``{"state_dict", "config"}`` torchaudio/DPHuBERT checkpoint."""
+def read(ckpt: dict[str, Any]) -> Converted:
+    """A ``{"state_dict", "config"}`` torchaudio/DPHuBERT checkpoint in our terms."""
     cfg, state = dict(ckpt["config"]), dict(ckpt["state_dict"])
     _check_supported(cfg, state)
     count, dim = int(cfg["encoder_num_layers"]), int(cfg["encoder_embed_dim"])
@@ -180,7 +181,7 @@ def from_torchaudio(ckpt: dict[str, Any]) -> tuple[ModelConfig, dict[str, Tensor
     others = {k: v for k, v in ckpt.items() if k not in ("state_dict", "config")}
     extras = {"config": cfg, "flavour": flavour, "pos_conv": form, "dummy_weight": dummy is not None,
               "pretraining_weights": aux, "others": others}
-    return config, ours, extras
+    return Converted(config, ours, NAME, extras)
 
 
 def _check_shapes(state: dict[str, Tensor], layers: list[LayerConfig], head_dim: int,
@@ -221,13 +222,14 @@ def _keep_if_equal(raw: dict[str, Any], key: str, value: Any, normalise=lambda v
     raw[key] = value
 
 
-def to_torchaudio(config: ModelConfig, state: dict[str, Tensor], extras: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`from_torchaudio`: ``{"state_dict", "config", ...}`` that ``torch.save`` writes.
+def write(converted: Converted) -> dict[str, Any]:
+    """The inverse of :func:`read`: ``{"state_dict", "config", ...}`` that ``torch.save`` writes.
 
     torchaudio's own keyword arguments when the structure allows them (uniform, and the base was
     such a file), else DPHuBERT's per-layer ones. Weight-pruning masks are left out (the weights are
     zero there); low-rank factors have no place in the layout.
     """
+    config, state, extras = converted.config, converted.state_dict, converted.extras
     if config.kind != TORCHAUDIO:
         raise ValueError(f"a {config.kind} model has another hidden-state layout; only torchaudio-kind models "
                          "(read from a torchaudio/DPHuBERT checkpoint) are written in this layout")
@@ -291,7 +293,3 @@ def to_torchaudio(config: ModelConfig, state: dict[str, Tensor], extras: dict[st
         raw.setdefault(flag, False)
     return {"state_dict": weights, "config": raw, **extras.get("others", {})}
 
-
-def to_torchaudio_checkpoint(converted: Any) -> dict[str, Any]:
-    """:func:`to_torchaudio` of a :class:`~.convert.Converted` (what ``load_base`` returned, or a compressed model's)."""
-    return to_torchaudio(converted.config, converted.state_dict, converted.extras)

@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import FBANK, MELHUBERT, LayerConfig, ModelConfig
+from ..config import FBANK, MELHUBERT, LayerConfig, ModelConfig
+from .common import Converted, dense_state, encoder_options, encoder_renames, require_uniform
 
-MELHUBERT_FORMAT = "melhubert"
+NAME = "melhubert"
 MEL_BINS = 40  # MelHuBERT's fbank has 40 mel bins; 80-dim inputs are two stacked frames
 # Where the statistics file is looked for beside a checkpoint ``<stem>.ckpt``, in this order.
 MEAN_STD_CANDIDATES = ("{stem}.mean-std.npy", "{stem}-mean-std.npy", "mean-std.npy")
 MEAN_STD_KEYS = ("feature_extractor.mean", "feature_extractor.std")
 
 
-def is_melhubert(ckpt: dict[str, Any]) -> bool:
+def matches(ckpt: dict[str, Any]) -> bool:
     return "model" in ckpt and isinstance(ckpt.get("Upstream_Config"), dict)
 
 
@@ -78,7 +79,6 @@ def _fold_pruning_masks(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _renames(layer_count: int) -> dict[str, str]:
     """MelHuBERT key -> our key: HuBERT's encoder names, with the fbank projection as the feature projection."""
-    from .convert import encoder_renames  # convert imports this module at its top
 
     names = {f"pre_extract_proj.{p}": f"feature_projection.{p}" for p in ("weight", "bias")}
     return {**names, **encoder_renames(layer_count)}
@@ -94,14 +94,13 @@ def _pruned_head_counts(pruned: Any) -> dict[int, int]:
     return counts
 
 
-def from_melhubert(ckpt: dict[str, Any], mean_std: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any]]:
-    """(config, state dict, extras) of a MelHuBERT checkpoint and its statistics file."""
+def read(ckpt: dict[str, Any], mean_std: str | os.PathLike) -> Converted:
+    """A MelHuBERT checkpoint and its statistics file in our terms."""
     upstream_config = ckpt["Upstream_Config"]
     if "melhubert" not in upstream_config:
         raise ValueError(f"Upstream_Config has sections {sorted(upstream_config)}, but no `melhubert` section")
     cfg = dict(upstream_config["melhubert"])
     get = cfg.get
-    from .convert import encoder_options  # convert imports this module at its top
     if str(get("pos_emb_type", "conv")) != "conv" or int(get("pos_conv_depth", 1)) != 1:
         raise ValueError("only a single convolutional positional embedding (pos_emb_type conv, depth 1) is supported")
     if str(get("attention_type", "original")) != "original":
@@ -142,11 +141,13 @@ def from_melhubert(ckpt: dict[str, Any], mean_std: str | os.PathLike) -> tuple[M
         raise ValueError(f"unexpected MelHuBERT tensors {unexpected[:5]}")
     ours[MEAN_STD_KEYS[0]], ours[MEAN_STD_KEYS[1]] = load_mean_std(mean_std)
     extras = {"upstream_config": upstream_config, "pretraining_weights": rest, "mean_std": str(mean_std)}
-    return config, ours, extras
+    return Converted(config, ours, NAME, extras)
 
 
-def to_melhubert(config: ModelConfig, state: dict[str, Tensor], extras: dict[str, Any], layer: LayerConfig) -> dict[str, Any]:
-    """The inverse of :func:`from_melhubert` for a uniform model (the statistics stay in their own file)."""
+def write(converted: Converted) -> dict[str, Any]:
+    """The inverse of :func:`read` for a uniform model (the statistics stay in their own file)."""
+    config, state, extras = converted.config, dense_state(converted), converted.extras
+    layer = require_uniform(config)
     back = {ours: theirs for theirs, ours in _renames(config.num_layers).items()}
     weights = {back[key]: tensor for key, tensor in state.items() if key in back}
     weights.update(extras.get("pretraining_weights", {}))
