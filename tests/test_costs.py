@@ -57,9 +57,29 @@ def random_config(seed: int) -> ModelConfig:
     )
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_analytic_counts_equal_the_models(seed):
-    config = random_config(seed)
+def random_wavlm_config(seed: int) -> ModelConfig:
+    """``random_config(seed)`` with WavLM's relative position bias (gated or not) and pruned heads that keep
+    arbitrary original head ids."""
+    rng = random.Random(1000 + seed)
+    data = random_config(seed).to_dict()
+    data.update(relative_position_buckets=rng.choice([4, 6, 10]), max_relative_distance=rng.choice([8, 20]),
+                gated_relative_position=rng.random() < 0.7)
+    original_heads = data["embed_dim"] // data["head_dim"]
+    for layer in data["layers"]:
+        layer["num_heads"] = min(layer["num_heads"], original_heads)
+        if rng.random() < 0.7:
+            layer["head_ids"] = rng.sample(range(original_heads), layer["num_heads"])
+    return ModelConfig.from_dict(data)
+
+
+CONFIGS = [pytest.param(random_config, seed, id=f"random-{seed}") for seed in range(30)] + [
+    pytest.param(random_wavlm_config, seed, id=f"wavlm-{seed}") for seed in range(12)
+]
+
+
+@pytest.mark.parametrize("make_config,seed", CONFIGS)
+def test_analytic_counts_equal_the_models(make_config, seed):
+    config = make_config(seed)
     torch.manual_seed(seed)
     model = SpeechTransformer(config).eval()
     assert parameter_count(config) == model.num_parameters()
@@ -96,11 +116,12 @@ def as_tensors(counts: Counts) -> Counts:
                     (counts.channels, counts.heads, counts.units, counts.attention, counts.ffn)))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 3, 7])
-def test_soft_counts_at_the_integers_equal_the_exact_ones_and_their_gradients_are_differences(seed):
+@pytest.mark.parametrize("make_config,seed", [(random_config, s) for s in (0, 1, 3, 7)]
+                         + [(random_wavlm_config, s) for s in (0, 2)])
+def test_soft_counts_at_the_integers_equal_the_exact_ones_and_their_gradients_are_differences(make_config, seed):
     """Each size is linear in every single count (C_{i-1} x C_i, heads x T^2, gate x sublayer), so the
     gradient with respect to one count equals the change when that count grows by one."""
-    config = random_config(seed)
+    config = make_config(seed)
     for layer in config.layers:  # a low-rank Linear in a block of 0 heads/units: the one documented jump
         layer.ranks = {}
     exact = counts_of(config)

@@ -65,6 +65,31 @@ def test_recomputed_probabilities_are_the_ones_sdpa_uses(hubert_ckpt, padded_bat
     assert float(probs.masked_select(padding[:, None, None, :]).abs().max()) == 0.0
 
 
+def test_recomputed_probabilities_include_wavlms_gated_position_bias(tmp_path, padded_batch):
+    """On WavLM the probabilities carry the relative position bias and its gate, for the heads a layer kept."""
+    from upstream_compressed.testing.wavlm_checkpoints import make_wavlm_checkpoint
+
+    base = load_base(make_wavlm_checkpoint(tmp_path / "wavlm.pt"))
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
+    model.keep_heads(1, [2, 0])  # original heads 2 and 0: their rows of the shared bias
+    attention, seen = model.layers[1].attention, {}
+    handles = [attention.register_forward_pre_hook(lambda module, inputs: seen.update(inputs=inputs)),
+               attention.register_forward_hook(lambda module, inputs, output: seen.update(output=output))]
+    _, padding = run_model(model, padded_batch)
+    for handle in handles:
+        handle.remove()
+    x, pad, bias = seen["inputs"]
+    assert bias is not None
+    with torch.no_grad():
+        probs = attention_probabilities(attention, x, pad, bias)
+        values = attention.v_proj(x).unflatten(-1, (attention.num_heads, -1)).transpose(1, 2)
+        recomputed = attention.out_proj((probs @ values).transpose(1, 2).flatten(2))
+        without_bias = attention_probabilities(attention, x, pad)
+    assert torch.allclose(recomputed, seen["output"], atol=1e-5)
+    assert not torch.allclose(probs, without_bias, atol=1e-3)  # the bias matters on this model
+    assert float(probs.masked_select(padding[:, None, None, :]).abs().max()) == 0.0
+
+
 # ------------------------------------------------------------------------ constructed diagonal heads
 DIAGONAL = {0: 1, 1: 3}  # layer -> head made to attend to frames like its own (q = k)
 ANTI = {0: 2, 1: 0}  # layer -> head made to attend to frames unlike its own (q = -k)

@@ -87,6 +87,24 @@ def test_weight_pruned_model_writes_back_without_its_masks(tmp_path, s3prl_hub, 
         assert max_valid_difference(a, b, padding_mask) < TOLERANCE, f"hidden state {layer}"
 
 
+@pytest.mark.parametrize("entry,maker", [("hubert_local", make_hubert_checkpoint), ("distiller_local", make_distiller_checkpoint)])
+def test_head_pruned_model_writes_back_with_zero_heads(tmp_path, s3prl_hub, padded_batch, entry, maker):
+    """S3PRL's attention is always embed_dim wide: pruned heads go back as all-zero heads, which add nothing."""
+    converted = load_base(maker(tmp_path / "base.pt"))
+    model = SpeechTransformer.from_state_dict(converted.config, converted.state_dict)
+    heads = converted.config.layers[0].num_heads
+    for layer in range(converted.config.num_layers):  # a different count and choice per layer
+        model.keep_heads(layer, list(range(heads))[layer % 2::2])
+    written = tmp_path / "pruned.pt"
+    torch.save(to_s3prl_checkpoint(Converted(model.config, model.state_dict(), converted.source_format,
+                                             converted.extras)), written)
+
+    theirs = s3prl_states(s3prl_hub, entry, written, padded_batch)
+    ours, padding_mask = run_model(model.eval(), padded_batch)
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        assert max_valid_difference(a, b, padding_mask) < TOLERANCE, f"hidden state {layer}"
+
+
 def test_padding_changes_group_norm_features_as_in_s3prl(hubert_ckpt, padded_batch):
     """The GroupNorm front end sees padding: an utterance alone differs from the same one in a batch."""
     converted = load_base(hubert_ckpt)

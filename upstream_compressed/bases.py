@@ -13,6 +13,12 @@ KNOWN_BASES = {
     "hubert_base": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_base_ls960.pt",
     "hubert_large_ll60k": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/hubert_large_ll60k.pt",
     "distilhubert_base": "https://huggingface.co/leo19941227/distilhubert/resolve/main/distilhubert_ls960_4-8-12.ckpt",
+    # wav2vec 2.0 Base (LibriSpeech 960 h), as S3PRL's wav2vec2 / wav2vec2_base_960 download it.
+    "wav2vec2": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wav2vec_small.pt",
+    # WavLM, as S3PRL's wavlm_base / wavlm_base_plus / wavlm_large download it.
+    "wavlm_base": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_base.pt",
+    "wavlm_base_plus": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_base_plus.pt",
+    "wavlm_large": "https://huggingface.co/s3prl/converted_ckpts/resolve/main/wavlm_large.pt",
 }
 KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
 
@@ -20,6 +26,10 @@ KNOWN_BASES["distilhubert"] = KNOWN_BASES["distilhubert_base"]
 # model whose hidden states follow DPHuBERT's extract_features): dphubert_local, dphubert_headpruned, ...
 FAMILY_OF_FORMAT = {HUBERT_FORMAT: "hubert", DISTILLER_FORMAT: "distilhubert", MELHUBERT_FORMAT: "melhubert",
                     TORCHAUDIO_FORMAT: "dphubert", "s3prl_wavlm": "wavlm", "s3prl_wav2vec2": "wav2vec2"}
+# The upstream that runs a base checkpoint of each layout as it is (S3PRL's own, or ours for MelHuBERT and DPHuBERT).
+LOCAL_UPSTREAM_OF_FORMAT = {HUBERT_FORMAT: "hubert_local", DISTILLER_FORMAT: "distiller_local",
+                            MELHUBERT_FORMAT: "melhubert_local", TORCHAUDIO_FORMAT: "dphubert_local",
+                            "s3prl_wavlm": "wavlm_local", "s3prl_wav2vec2": "wav2vec2_local"}
 
 
 def download_known_base(name: str, refresh: bool = False) -> Path:

@@ -279,13 +279,11 @@ def prepare_model(spec: ModelSpec, plan: Plan, expdir: Path, env: dict[str, str]
 
 
 def _local_upstream(checkpoint: Path) -> str:
-    """S3PRL's (or our) upstream that runs a base checkpoint as it is: hubert_local, distiller_local, melhubert_local,
-    dphubert_local."""
-    from .model.config import DISTILLER, HUBERT, TORCHAUDIO
+    """S3PRL's (or our) upstream that runs a base checkpoint as it is: hubert_local, wavlm_local, ..."""
+    from .bases import LOCAL_UPSTREAM_OF_FORMAT
     from .model.convert import load_base
 
-    kind = load_base(checkpoint).config.kind
-    return {HUBERT: "hubert_local", DISTILLER: "distiller_local", TORCHAUDIO: "dphubert_local"}.get(kind, "melhubert_local")
+    return LOCAL_UPSTREAM_OF_FORMAT[load_base(checkpoint).source_format]
 
 
 def _random_like(base: Path, target: Path) -> None:

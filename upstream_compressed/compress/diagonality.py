@@ -2,7 +2,8 @@
 
 The model's attention runs through ``scaled_dot_product_attention``, which never materialises the
 probabilities. The analysis recomputes them, only while it runs, from each layer's own q/k
-projections: softmax(Q K^T / sqrt(d)) with padded keys masked, the same numbers SDPA uses. A
+projections: softmax(Q K^T / sqrt(d) + mask) with padded keys masked (and WavLM's relative position
+bias in the mask, gated as the model gates it), the same numbers SDPA uses. A
 forward pre-hook on every attention block sees its input, so the model's code and its normal
 forward pass are untouched.
 
@@ -27,8 +28,10 @@ from ..model.layers import SelfAttention
 DEFAULT_BAND = 2  # frames either side of the diagonal (40 ms at 20 ms frames)
 
 
-def attention_probabilities(attention: SelfAttention, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-    """(B, H, T, T) attention probabilities of ``attention`` on its input ``x`` (B, T, D)."""
+def attention_probabilities(attention: SelfAttention, x: Tensor, padding_mask: Tensor | None,
+                            position_bias: Tensor | None = None) -> Tensor:
+    """(B, H, T, T) attention probabilities of ``attention`` on its input ``x`` (B, T, D), with WavLM's
+    relative position bias (gated where the model gates it) when ``position_bias`` is given."""
     batch, time, _ = x.shape
     heads, dim = attention.num_heads, attention.head_dim
 
@@ -36,6 +39,8 @@ def attention_probabilities(attention: SelfAttention, x: Tensor, padding_mask: T
         return t.view(batch, time, heads, dim).transpose(1, 2)
 
     scores = split(attention.q_proj(x)) @ split(attention.k_proj(x)).transpose(-1, -2) / math.sqrt(dim)
+    if position_bias is not None:
+        return (scores + attention.biased_mask(x, padding_mask, position_bias)).softmax(dim=-1)
     if padding_mask is not None:
         scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
     return scores.softmax(dim=-1)
@@ -69,8 +74,9 @@ def diagonality_scores(
     def hook(index: int):
         def record(module: SelfAttention, inputs: tuple[Any, ...]) -> None:
             if module.num_heads:
-                x, padding_mask = inputs[0], inputs[1] if len(inputs) > 1 else None
-                mass = band_mass(attention_probabilities(module, x, padding_mask), padding_mask, band)
+                x, padding_mask, position_bias = (*inputs, None, None)[:3]
+                probabilities = attention_probabilities(module, x, padding_mask, position_bias)
+                mass = band_mass(probabilities, padding_mask, band)
                 totals[index] += mass.sum(0).double().cpu()
         return record
 

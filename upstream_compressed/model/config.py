@@ -45,10 +45,19 @@ class LayerConfig:
     sparse: list[str] = field(default_factory=list)  # Linear names with a weight mask (weight pruning)
     attention: bool = True  # the attention sublayer exists
     ffn: bool = True  # the feed-forward sublayer exists
+    # The unpruned model's indices of the heads this layer keeps, in order (None: 0..num_heads-1). Only
+    # models with a shared relative position bias (WavLM) record them: they pick its rows and gate chunks.
+    head_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads < 0 or self.ffn_dim < 0:
             raise ValueError(f"negative size in layer config {self}")
+        if self.head_ids is not None:
+            self.head_ids = [int(h) for h in self.head_ids]
+            if len(self.head_ids) != self.num_heads or len(set(self.head_ids)) != len(self.head_ids) \
+                    or any(h < 0 for h in self.head_ids):
+                raise ValueError(f"head_ids {self.head_ids} must be {self.num_heads} distinct non-negative indices "
+                                 "(one per kept head)")
         if not self.attention and self.num_heads != 0:
             raise ValueError(f"a layer without its attention sublayer has no heads; got num_heads={self.num_heads}")
         if not self.ffn and self.ffn_dim != 0:
@@ -91,6 +100,9 @@ class ModelConfig:
     layer_norm_first: bool = False
     feature_layer_norm: bool = True  # LayerNorm on the conv features (HuBERT has it, DistilHuBERT not)
     normalize_waveform: bool = False  # per-utterance layer norm of the waveform (HuBERT Large)
+    # Padded frames by the conv length arithmetic (wav2vec 2.0's model; the distiller and torchaudio do so
+    # anyway), not by HuBERT's equal chunks of the sample mask: the two differ by a frame at some lengths.
+    conv_length_padding: bool = False
     activation: str = "gelu"
     # Training-time regularisation (inactive in eval mode, which is how upstreams run).
     dropout: float = 0.0
@@ -112,6 +124,12 @@ class ModelConfig:
     # A fixed per-channel scale of the front end's features before their LayerNorm (DPHuBERT's
     # ``dummy_weight``: the soft mask that conv-channel pruning leaves on the last conv layer).
     feature_scale: bool = False
+    # WavLM's bucketed relative position bias, shared by all layers (0 buckets: none). It has one column per
+    # head of the unpruned model, embed_dim // head_dim of them; ``gated_relative_position`` scales it per
+    # head and query frame by a gate computed from the layer's input (WavLM's gru_rel_pos).
+    relative_position_buckets: int = 0
+    max_relative_distance: int = 800
+    gated_relative_position: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [
@@ -140,11 +158,42 @@ class ModelConfig:
                     f"{self.fbank_mel_bins} and {self.fbank_stack}"
                 )
 
+        self._check_relative_position()
         if self.feature_projection is False and self.conv_dim != self.embed_dim:
             raise ValueError(
                 f"features of width {self.conv_dim} need a projection to embed_dim {self.embed_dim}; "
                 "feature_projection cannot be false"
             )
+
+    def _check_relative_position(self) -> None:
+        if self.relative_position_buckets == 0:
+            if self.gated_relative_position:
+                raise ValueError("gated_relative_position gates the relative position bias; it needs "
+                                 "relative_position_buckets > 0")
+            if any(layer.head_ids is not None for layer in self.layers):
+                raise ValueError("head_ids pick rows of the relative position bias; a model without one "
+                                 "(relative_position_buckets 0) has none to record")
+            return
+        # WavLM's bucketing spends half the buckets per direction, half of those on exact distances: it needs 4+.
+        if self.relative_position_buckets < 4:
+            raise ValueError(f"relative_position_buckets must be 0 (no bias) or at least 4, got "
+                             f"{self.relative_position_buckets}")
+        if self.max_relative_distance <= self.relative_position_buckets // 4:
+            raise ValueError(f"max_relative_distance {self.max_relative_distance} must exceed the exact range "
+                             f"{self.relative_position_buckets // 4} (relative_position_buckets // 4)")
+        if self.embed_dim % self.head_dim:
+            raise ValueError(f"a relative position bias has one column per original head, embed_dim // head_dim; "
+                             f"embed_dim {self.embed_dim} is not a multiple of head_dim {self.head_dim}")
+        for i, layer in enumerate(self.layers):
+            ids = layer.head_ids if layer.head_ids is not None else range(layer.num_heads)
+            if any(h >= self.relative_position_heads for h in ids):
+                raise ValueError(f"layer {i}: head ids {list(ids)} must be below the bias's "
+                                 f"{self.relative_position_heads} original heads")
+
+    @property
+    def relative_position_heads(self) -> int:
+        """Columns of the relative position bias: the unpruned model's heads (0 without a bias)."""
+        return self.embed_dim // self.head_dim if self.relative_position_buckets else 0
 
     @property
     def has_feature_projection(self) -> bool:
@@ -197,10 +246,18 @@ class ModelConfig:
             for name in ("attention", "ffn"):  # ... and before sublayers could be removed
                 if layer[name]:
                     del layer[name]
+            if layer["head_ids"] is None:  # ... and before WavLM's bias needed the original head indices
+                del layer["head_ids"]
+        if not self.conv_length_padding:  # models other than wav2vec 2.0 keep their manifests
+            del data["conv_length_padding"]
         if self.feature_projection is None:
             del data["feature_projection"]
         if not self.feature_scale:
             del data["feature_scale"]
+        for name, default in (("relative_position_buckets", 0), ("max_relative_distance", 800),
+                              ("gated_relative_position", False)):  # models without WavLM's bias keep their manifests
+            if data[name] == default:
+                del data[name]
         if self.frontend == CONV:  # conv models keep the manifests they had before fbank front ends existed
             del data["frontend"]
             for name in FBANK_ONLY_FIELDS:

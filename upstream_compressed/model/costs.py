@@ -5,6 +5,7 @@ Exact for integer structures (they equal ``SpeechTransformer.num_parameters`` an
 of kept channels, heads, units and sublayers under pruning gates, given as floats or 0-d tensors.
 The counts multiply like the shapes they stand for (conv i's weight is C_{i-1} x C_i x k, an
 attention map costs heads x head_dim x T^2), so a size target can be trained towards.
+WavLM's relative position bias is a lookup (parameters, no MACs); its gate is a Linear per kept head.
 
 What is counted matches ``count_macs``, which uses ``FlopCounterMode``: convolutions, matrix
 products and attention's two T x T products; biases, norms, activations and softmax are free.
@@ -22,6 +23,7 @@ from typing import Any, Union
 from torch import Tensor
 
 from .config import FBANK, FBANK_SHIFT, FBANK_WINDOW, LayerConfig, ModelConfig
+from .layers import GATE_OUTPUTS
 
 SAMPLE_RATE = 16000
 Number = Union[int, float, Tensor]
@@ -108,8 +110,12 @@ def parameter_count(config: ModelConfig, counts: Counts | None = None) -> Number
         total = total + conv_dim * d + d
     total = total + c.conv_pos + d * (d // c.conv_pos_groups) * c.conv_pos + d  # weight_g, weight_v, bias
     total = total + 2 * d  # encoder_norm
+    # WavLM's relative position bias keeps a column per original head, whatever the layers keep.
+    total = total + c.relative_position_buckets * c.relative_position_heads
     for layer, heads, units, attention, ffn in zip(c.layers, counts.heads, counts.units, counts.attention, counts.ffn):
         attention_params, ffn_params = _layer_terms(c, layer, heads, units, _linear_parameters)
+        if c.gated_relative_position:  # the gate Linear (shared by the heads) and one scale per head
+            attention_params = attention_params + c.head_dim * GATE_OUTPUTS + GATE_OUTPUTS + heads
         total = total + attention * attention_params + ffn * ffn_params + 4 * d  # both LayerNorms always stay
     if c.pred_layer_id:
         n, inter, out = len(c.pred_layer_id), c.pred_inter_dim, c.pred_out_dim
@@ -152,6 +158,8 @@ def mac_count(config: ModelConfig, seconds: float = 10.0, counts: Counts | None 
     for layer, heads, units, attention, ffn in zip(c.layers, counts.heads, counts.units, counts.attention, counts.ffn):
         attention_macs, ffn_macs = _layer_terms(c, layer, heads, units, _linear_macs)
         attention_macs = attention_macs * frames + 2 * heads * c.head_dim * frames * frames  # Q K^T and A V
+        if c.gated_relative_position:  # each kept head's input chunk through the gate Linear, every frame
+            attention_macs = attention_macs + heads * c.head_dim * GATE_OUTPUTS * frames
         # A block with no heads (units) adds only its output bias and runs none of its Linears,
         # which matters for low-rank ones: their down-projection is still there.
         if isinstance(heads, int) and heads == 0:

@@ -8,6 +8,7 @@ numbers. Weight pruning's masked Linears live in :mod:`.sparse`. Structural comp
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -244,11 +245,49 @@ def select_columns(linear: nn.Module, index: Tensor) -> nn.Module:
     return smaller.to(linear.weight)
 
 
+class RelativePositionBias(nn.Module):
+    """WavLM's bucketed relative position bias: one learned score per (distance bucket, original head).
+
+    Computed once per forward for all layers, as a (heads, T, T) tensor to add to attention scores.
+    Distances below ``num_buckets // 4`` get a bucket each per direction; longer ones share buckets
+    spaced logarithmically up to ``max_distance``, beyond which they all share the last one.
+    """
+
+    def __init__(self, num_buckets: int, num_heads: int, max_distance: int) -> None:
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.weight = nn.Parameter(torch.randn(num_buckets, num_heads) * math.sqrt(2 / (num_buckets + num_heads)))
+
+    def buckets(self, time: int, device: torch.device) -> Tensor:
+        """(T, T) bucket of key frame j relative to query frame i (j - i); later keys use the upper half."""
+        positions = torch.arange(time, dtype=torch.long, device=device)
+        offset = positions[None, :] - positions[:, None]
+        half = self.num_buckets // 2
+        exact = half // 2
+        distance = offset.abs()
+        # The same float operations, in the same order, as WavLM, so each distance lands in its bucket.
+        spread = torch.log(distance.clamp_min(1).float() / exact) / math.log(self.max_distance / exact) * (half - exact)
+        far = (exact + spread.to(torch.long)).clamp_max(half - 1)
+        return (offset > 0).long() * half + torch.where(distance < exact, distance, far)
+
+    def forward(self, time: int) -> Tensor:
+        """(heads, T, T): the bias of every head for ``time`` frames."""
+        return F.embedding(self.buckets(time, self.weight.device), self.weight).permute(2, 0, 1)
+
+
+GATE_OUTPUTS = 8  # WavLM's gate Linear: two groups of 4 outputs, each summed, give the gate's two sigmoids
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention through ``scaled_dot_product_attention``.
 
     Heads are independent slices of q/k/v rows and out_proj columns, so a layer may keep any
     number of them, zero included (then the block adds only out_proj's bias).
+
+    With WavLM's relative position bias (``forward``'s ``position_bias``, shared by all layers, one row
+    per original head) ``head_ids`` names the original head of each kept one, and ``gate_input_dim``
+    (> 0) adds WavLM's gate: per head and query frame, a scale of the bias computed from that head's
+    chunk of the block's input (chunks of ``gate_input_dim`` features, one per original head).
     """
 
     def __init__(
@@ -259,18 +298,27 @@ class SelfAttention(nn.Module):
         dropout: float = 0.0,
         ranks: dict[str, int] | None = None,
         sparse: Sequence[str] = (),
+        head_ids: Sequence[int] | None = None,
+        gate_input_dim: int = 0,
     ) -> None:
         super().__init__()
         ranks = ranks or {}
         self.num_heads, self.head_dim, self.dropout = num_heads, head_dim, dropout
+        self.head_ids = None if head_ids is None else [int(h) for h in head_ids]
+        if self.head_ids is not None and len(self.head_ids) != num_heads:
+            raise ValueError(f"{len(self.head_ids)} head ids for {num_heads} heads")
         inner = num_heads * head_dim
         self.q_proj = make_linear(embed_dim, inner, ranks.get("q_proj"), "q_proj" in sparse)
         self.k_proj = make_linear(embed_dim, inner, ranks.get("k_proj"), "k_proj" in sparse)
         self.v_proj = make_linear(embed_dim, inner, ranks.get("v_proj"), "v_proj" in sparse)
         self.out_proj = make_linear(inner, embed_dim, ranks.get("out_proj"), "out_proj" in sparse)
+        # One gate Linear shared by all heads (each applies it to its own input chunk), one scale per head.
+        self.gate = nn.Linear(gate_input_dim, GATE_OUTPUTS) if gate_input_dim else None
+        self.gate_scale = nn.Parameter(torch.ones(num_heads)) if gate_input_dim else None
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """x: (B, T, D); padding_mask: (B, T), True on padded frames (never attended to)."""
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, position_bias: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); padding_mask: (B, T), True on padded frames (never attended to);
+        position_bias: (original heads, T, T), added to the scores of the heads this block keeps."""
         batch, time, _ = x.shape
         if self.num_heads == 0:  # a fresh tensor, not a view of the bias (autograd hooks need one)
             return x.new_zeros(batch, time, self.out_proj.out_features) + self.out_proj.bias
@@ -279,11 +327,33 @@ class SelfAttention(nn.Module):
             return t.view(batch, time, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        attend = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        if position_bias is None:
+            mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        else:
+            mask = self.biased_mask(x, padding_mask, position_bias).to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.out_proj(out.transpose(1, 2).reshape(batch, time, self.num_heads * self.head_dim))
+
+    def biased_mask(self, x: Tensor, padding_mask: Tensor | None, position_bias: Tensor) -> Tensor:
+        """The float mask (B or 1, H, T, T) added to the scaled scores: this block's rows of the bias, gated,
+        -inf on padded keys (head analysis recomputes the probabilities with it)."""
+        ids = self.head_ids if self.head_ids is not None else list(range(self.num_heads))
+        index = None if ids == list(range(position_bias.shape[0])) else torch.tensor(ids, device=x.device)
+        bias = position_bias if index is None else position_bias.index_select(0, index)
+        if self.gate is None:
+            mask = bias.unsqueeze(0)
+        else:
+            chunks = x.unflatten(-1, (-1, self.gate.in_features))  # (B, T, original heads, chunk)
+            if index is not None:
+                chunks = chunks.index_select(2, index)
+            first, second = torch.sigmoid(self.gate(chunks).unflatten(-1, (2, GATE_OUTPUTS // 2)).sum(-1)).unbind(-1)
+            scale = first * (second * self.gate_scale - 1.0) + 2.0  # (B, T, H): WavLM's gate, in its order
+            mask = scale.transpose(1, 2).unsqueeze(-1) * bias  # per query frame: (B, H, T, 1) x (H, T, T)
+        if padding_mask is not None:
+            mask = mask.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        return mask
 
     def keep_heads(self, heads: Sequence[int]) -> "SelfAttention":
         """A new attention block with only ``heads`` (indices into this block's heads), in that order."""
@@ -296,10 +366,17 @@ class SelfAttention(nn.Module):
         smaller = SelfAttention.__new__(SelfAttention)
         nn.Module.__init__(smaller)
         smaller.num_heads, smaller.head_dim, smaller.dropout = len(heads), self.head_dim, self.dropout
+        # Indices compose: the kept heads' original ids, so the shared bias and the gate's chunks follow them.
+        smaller.head_ids = None if self.head_ids is None else [self.head_ids[h] for h in heads]
         smaller.q_proj = select_rows(self.q_proj, index)
         smaller.k_proj = select_rows(self.k_proj, index)
         smaller.v_proj = select_rows(self.v_proj, index)
         smaller.out_proj = select_columns(self.out_proj, index)
+        smaller.gate = None if self.gate is None else copy.deepcopy(self.gate)
+        smaller.gate_scale = None if self.gate_scale is None else nn.Parameter(
+            self.gate_scale.detach()[torch.tensor(heads, dtype=torch.long, device=self.gate_scale.device)].clone(),
+            requires_grad=self.gate_scale.requires_grad,
+        )
         return smaller
 
 
@@ -361,26 +438,30 @@ class EncoderLayer(nn.Module):
         sparse: Sequence[str] = (),
         attention: bool = True,
         ffn: bool = True,
+        head_ids: Sequence[int] | None = None,
+        gate_input_dim: int = 0,
     ) -> None:
         super().__init__()
         self.layer_norm_first, self.dropout = layer_norm_first, dropout
         self.attention = (
-            SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks, sparse) if attention else None
+            SelfAttention(embed_dim, num_heads, head_dim, attention_dropout, ranks, sparse, head_ids, gate_input_dim)
+            if attention else None
         )
         self.attention_norm = nn.LayerNorm(embed_dim)
         self.feed_forward = FeedForward(embed_dim, ffn_dim, activation_dropout, ranks, sparse) if ffn else None
         self.final_norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, position_bias: Tensor | None = None) -> Tensor:
+        """``position_bias``: WavLM's shared relative position bias (original heads, T, T), if the model has one."""
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         if self.layer_norm_first:
             if self.attention is not None:
-                x = x + drop(self.attention(self.attention_norm(x), padding_mask))
+                x = x + drop(self.attention(self.attention_norm(x), padding_mask, position_bias))
             if self.feed_forward is not None:
                 x = x + drop(self.feed_forward(self.final_norm(x)))
             return x
         if self.attention is not None:
-            x = x + drop(self.attention(x, padding_mask))
+            x = x + drop(self.attention(x, padding_mask, position_bias))
         x = self.attention_norm(x)
         if self.feed_forward is not None:
             x = x + drop(self.feed_forward(x))

@@ -1,4 +1,4 @@
-"""SpeechTransformer: the one model class for base and compressed HuBERT / DistilHuBERT models."""
+"""SpeechTransformer: the one model class for base and compressed HuBERT / DistilHuBERT / WavLM models."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .layers import (
     LowRankLinear,
     PositionalConv,
     PredictionHeads,
+    RelativePositionBias,
     select_columns,
     select_norm,
 )
@@ -56,6 +57,11 @@ class SpeechTransformer(nn.Module):
         self.register_buffer("feature_scale", torch.ones(c.conv_dim) if c.feature_scale else None)
         self.feature_projection = nn.Linear(c.conv_dim, c.embed_dim) if c.has_feature_projection else None
         self.positional_conv = PositionalConv(c.embed_dim, c.conv_pos, c.conv_pos_groups)
+        # WavLM's: held once for all layers and as wide as the unpruned model's heads, whatever each layer keeps.
+        self.relative_position_bias = (
+            RelativePositionBias(c.relative_position_buckets, c.relative_position_heads, c.max_relative_distance)
+            if c.relative_position_buckets else None
+        )
         self.encoder_norm = nn.LayerNorm(c.embed_dim)
         self.layers = nn.ModuleList(self._build_layer(layer) for layer in c.layers)
         self.prediction_heads = (
@@ -88,6 +94,8 @@ class SpeechTransformer(nn.Module):
 
     def _build_layer(self, layer: LayerConfig) -> EncoderLayer:
         c = self.config
+        biased = c.relative_position_buckets > 0
+        head_ids = (layer.head_ids if layer.head_ids is not None else list(range(layer.num_heads))) if biased else None
         return EncoderLayer(
             c.embed_dim,
             layer.num_heads,
@@ -101,6 +109,9 @@ class SpeechTransformer(nn.Module):
             sparse=layer.sparse,
             attention=layer.attention,
             ffn=layer.ffn,
+            head_ids=head_ids,
+            # The gate splits the input into one chunk per original head: embed_dim // heads = head_dim features.
+            gate_input_dim=c.head_dim if c.gated_relative_position else 0,
         )
 
     # ----------------------------------------------------------------------------------- padding
@@ -109,7 +120,7 @@ class SpeechTransformer(nn.Module):
         if self.config.frontend == FBANK:  # each utterance's own frame count
             counts = self.feature_extractor.frame_counts(wav_lengths)
             return torch.arange(num_frames, device=wav_lengths.device)[None, :] >= counts[:, None]
-        if self.config.kind == HUBERT:
+        if self.config.kind == HUBERT and not self.config.conv_length_padding:
             # HuBERT folds the sample mask into T equal chunks; a frame is padding if its chunk is.
             sample_pad = torch.arange(num_samples, device=wav_lengths.device)[None, :] >= wav_lengths[:, None]
             usable = num_samples - num_samples % num_frames
@@ -163,10 +174,12 @@ class SpeechTransformer(nn.Module):
         if not self.config.layer_norm_first:
             x = self.encoder_norm(x)
         x = F.dropout(x, self.config.dropout, self.training)
+        # Computed once, as WavLM does in its first layer and hands on to the others.
+        position_bias = None if self.relative_position_bias is None else self.relative_position_bias(x.shape[1])
         for layer in self.layers:
             if reports_inputs:
                 states.append(x)  # S3PRL's HuBERT reports the input of every layer...
-            x = layer(x, padding_mask)
+            x = layer(x, padding_mask, position_bias)
             if not reports_inputs:
                 states.append(x)  # ...the distiller and MelHuBERT the output of every layer.
         if self.config.layer_norm_first:
@@ -185,6 +198,8 @@ class SpeechTransformer(nn.Module):
             raise ValueError(f"layer {layer} has no attention sublayer (removed), so no heads to keep")
         block.attention = block.attention.keep_heads(heads)
         self.config.layers[layer].num_heads = len(heads)
+        if block.attention.head_ids is not None:  # only models with a relative position bias track them
+            self.config.layers[layer].head_ids = list(block.attention.head_ids)
 
     def keep_units(self, layer: int, units: Sequence[int]) -> None:
         """Keep only the FFN hidden ``units`` of ``layer``."""
@@ -231,7 +246,7 @@ class SpeechTransformer(nn.Module):
             raise ValueError(f"layer {layer} has no attention sublayer left to remove")
         self.layers[layer] = block.without_attention()
         config = self.config.layers[layer]
-        config.num_heads, config.attention = 0, False
+        config.num_heads, config.attention, config.head_ids = 0, False, None
         _drop_linear_options(config, ATTENTION_LINEARS)
 
     def remove_ffn(self, layer: int) -> None:

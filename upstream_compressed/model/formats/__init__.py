@@ -11,10 +11,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import distiller, hubert, melhubert, torchaudio
+from . import distiller, hubert, melhubert, torchaudio, wav2vec2, wavlm
 from .common import Converted
 
-FORMATS: tuple[ModuleType, ...] = (hubert, distiller, melhubert, torchaudio)
+# wav2vec2 shares HuBERT's top-level keys and looks inside them, so it goes first.
+FORMATS: tuple[ModuleType, ...] = (wav2vec2, hubert, distiller, melhubert, torchaudio, wavlm)
 
 
 def detect(ckpt: dict[str, Any]) -> ModuleType | None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from torch import Tensor
 
-from ..config import LayerConfig, ModelConfig
+from ..config import ATTENTION_LINEAR_NAMES, LayerConfig, ModelConfig
 
 
 @dataclass
@@ -137,3 +137,34 @@ def dense_state(converted: Converted) -> dict[str, Tensor]:
     """The state dict without weight-pruning masks: S3PRL's layouts have no place for them, and the weights
     are already zero where a mask prunes them (the file then runs dense in S3PRL's own upstreams)."""
     return {key: tensor for key, tensor in converted.state_dict.items() if not key.endswith(".mask")}
+
+
+def pad_heads(config: ModelConfig, state: dict[str, Tensor]) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The same network with every layer back at ``embed_dim // head_dim`` heads, the added ones all zero.
+
+    S3PRL's attention always has ``embed_dim`` wide q/k/v/out projections (its head_dim is embed_dim over
+    the head count), so fewer heads of the same head_dim do not fit it. A head whose q/k/v rows, biases and
+    out_proj columns are zero adds exactly nothing, so padding is the pruned network itself; the kept heads
+    come first (attention does not depend on the order of its heads).
+    """
+    full = config.embed_dim // config.head_dim
+    if full * config.head_dim != config.embed_dim:
+        raise ValueError(f"head_dim {config.head_dim} does not divide embed_dim {config.embed_dim}")
+    state = dict(state)
+    for i, layer in enumerate(config.layers):
+        if not layer.attention or layer.num_heads == full or set(layer.ranks) & set(ATTENTION_LINEAR_NAMES):
+            continue  # removed or low-rank attention: left for require_uniform to refuse
+        width = layer.num_heads * config.head_dim
+        for name in ("q_proj", "k_proj", "v_proj"):
+            for p in ("weight", "bias"):
+                key = f"layers.{i}.attention.{name}.{p}"
+                kept = state[key]
+                padded = kept.new_zeros((config.embed_dim, *kept.shape[1:]))
+                padded[:width] = kept
+                state[key] = padded
+        key = f"layers.{i}.attention.out_proj.weight"
+        padded = state[key].new_zeros((config.embed_dim, config.embed_dim))
+        padded[:, :width] = state[key]
+        state[key] = padded
+    layers = [replace(layer, num_heads=full) if layer.attention else layer for layer in config.layers]
+    return replace(config, layers=layers), state

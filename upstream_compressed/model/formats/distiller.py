@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import DISTILLER, ModelConfig
-from .common import (Converted, dense_state, encoder_options, fairseq_renames, invert, parse_conv_layers, rename,
-                     require_uniform, uniform_layers)
+from .common import (Converted, dense_state, encoder_options, fairseq_renames, invert, pad_heads, parse_conv_layers,
+                     rename, require_uniform, uniform_layers)
 
 NAME = "s3prl_distiller"
 DEFAULT_CONV = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
@@ -65,8 +65,8 @@ def read(ckpt: dict[str, Any]) -> Converted:
 
 def write(converted: Converted) -> dict[str, Any]:
     config = converted.config
+    config, state = pad_heads(config, dense_state(converted))  # S3PRL's attention is always embed_dim wide
     layer = require_uniform(config)
-    state = dense_state(converted)
     back = invert(renames(config))
     n_tasks = len(config.pred_layer_id)
     weights = {back[key]: tensor for key, tensor in state.items() if key in back}

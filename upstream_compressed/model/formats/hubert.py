@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import HUBERT, ModelConfig
-from .common import Converted, dense_state, fairseq_renames, invert, parse_conv_layers, rename, require_uniform, uniform_layers
+from .common import (Converted, dense_state, fairseq_renames, invert, pad_heads, parse_conv_layers, rename,
+                     require_uniform, uniform_layers)
 
 NAME = "s3prl_hubert"
 
@@ -88,9 +89,10 @@ def read(ckpt: dict[str, Any]) -> Converted:
 
 def write(converted: Converted) -> dict[str, Any]:
     config = converted.config
+    config, state = pad_heads(config, dense_state(converted))  # S3PRL's attention is always embed_dim wide
     layer = require_uniform(config)
     back = invert(renames(config))
-    weights = {back[key]: tensor for key, tensor in dense_state(converted).items()}
+    weights = {back[key]: tensor for key, tensor in state.items()}
     weights.update(converted.extras.get("pretraining_weights", {}))
     model_cfg = dict(converted.extras.get("model_cfg", {"label_rate": 50}))
     model_cfg.update(
