@@ -11,8 +11,17 @@ import torch
 
 from upstream_compressed.model import HUBERT, LayerConfig, ModelConfig, SpeechTransformer
 from upstream_compressed.model.convert import HUBERT_FORMAT, Converted
+from upstream_compressed.model.formats import wav2vec2, wavlm
 
 HUBERT_BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+HUBERT_BASE_CONV_SPEC = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
+# Base-size fields shared by the fairseq-style configs below (WavLM Base+ and wav2vec 2.0 Base).
+_BASE_FIELDS = dict(encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+                    conv_feature_layers=HUBERT_BASE_CONV_SPEC, conv_pos=128, conv_pos_groups=16,
+                    extractor_mode="default", conv_bias=False, layer_norm_first=False)
+# WavLM Base+'s WavLMConfig fields: HuBERT Base's shape plus the gated relative position bias.
+WAVLM_BASE_PLUS_CFG = dict(_BASE_FIELDS, relative_position_embedding=True, num_buckets=320, max_distance=800,
+                           gru_rel_pos=True, normalize=False)
 
 
 def hubert_base_shape(seed: int = 0) -> Converted:
@@ -24,6 +33,30 @@ def hubert_base_shape(seed: int = 0) -> Converted:
     )
     model = SpeechTransformer(config)
     return Converted(model.config, model.state_dict(), HUBERT_FORMAT)
+
+
+def _random_base(converted: Converted, seed: int) -> Converted:
+    """``converted``'s config (read by its layout from the config alone) with random weights."""
+    torch.manual_seed(seed)
+    model = SpeechTransformer(converted.config)
+    return Converted(model.config, model.state_dict(), converted.source_format, converted.extras)
+
+
+def wavlm_base_plus_shape(seed: int = 0) -> Converted:
+    """WavLM Base+'s architecture (HuBERT Base's, with its gated relative position bias) with random weights.
+
+    The config is what our WavLM layout reads from WavLM Base+'s WavLMConfig fields (no S3PRL needed)."""
+    return _random_base(wavlm.read({"cfg": dict(WAVLM_BASE_PLUS_CFG), "model": {}}), seed)
+
+
+def wav2vec2_base_shape(seed: int = 0) -> Converted:
+    """wav2vec 2.0 Base's architecture with random weights, its config read by our wav2vec 2.0 layout."""
+    model_cfg = {"_name": wav2vec2.MODEL_NAME, **_BASE_FIELDS}
+    return _random_base(wav2vec2.read({"model_cfg": model_cfg, "task_cfg": {"normalize": False}, "model_weight": {}}),
+                        seed)
+
+
+BASE_SHAPES = {"hubert": hubert_base_shape, "wavlm": wavlm_base_plus_shape, "wav2vec2": wav2vec2_base_shape}
 
 
 def synchronize(device: torch.device) -> None:

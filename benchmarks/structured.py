@@ -21,7 +21,12 @@ published figures (23.59 M parameters; MACs 654 G / HuBERT Base's 1669 G = 0.392
 which is 23.60 M parameters, CNN included, and 0.386 of the base's MACs. Which channels, heads
 and units are kept (the first ones) does not change the timing.
 
-    python benchmarks/structured.py [--seconds 10] [--rounds 5] [--threads N] [--techniques ...] [--quick]
+``--base wavlm`` measures the same on WavLM Base+'s shape (its gated relative position bias included:
+pruned heads keep their bias rows and gate chunks), ``--base wav2vec2`` on wav2vec 2.0 Base's; the
+joint structure is then the same pattern on that base. The JSON line names the base.
+
+    python benchmarks/structured.py [--base hubert|wavlm|wav2vec2] [--seconds 10] [--rounds 5] [--threads N]
+                                    [--techniques ...] [--quick]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Callable, Iterator
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hubert_base_shape, interleaved_medians, machine  # noqa: E402
+from common import BASE_SHAPES, interleaved_medians, machine  # noqa: E402
 
 from upstream_compressed.compress import STEPS, StepContext  # noqa: E402
 from upstream_compressed.delta import Structure  # noqa: E402
@@ -94,6 +99,8 @@ def load() -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=list(BASE_SHAPES), default="hubert",
+                        help="the base's shape, random weights (default hubert: HuBERT Base; wavlm: WavLM Base+)")
     parser.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10)")
     parser.add_argument("--rounds", type=int, default=5, help="timed forwards per model (default 5)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
@@ -107,9 +114,9 @@ def main() -> None:
     if args.quick:
         args.seconds, args.rounds, args.ratios = 2.0, 2, [0.5]
     load_before = load()
-    print(json.dumps({**machine(), "load_average_1_5_15": load_before}), flush=True)
+    print(json.dumps({**machine(), "base": args.base, "load_average_1_5_15": load_before}), flush=True)
 
-    base = hubert_base_shape()
+    base = BASE_SHAPES[args.base]()
     base_model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
     wav = torch.randn(1, int(args.seconds * 16000))
     base_params, base_macs = base_model.num_parameters(), count_macs(base_model, args.seconds)
@@ -137,7 +144,7 @@ def main() -> None:
 
     joint = next((r for r in rows if r["technique"] == JOINT), None)
     print()
-    print(f"base: params {base_params / 1e6:.2f}M, MACs {base_macs / 1e9:.2f}G for {args.seconds:g} s, "
+    print(f"base {args.base}: params {base_params / 1e6:.2f}M, MACs {base_macs / 1e9:.2f}G for {args.seconds:g} s, "
           f"threads {torch.get_num_threads()}, rounds {args.rounds}; load average (1/5/15 min) "
           f"before {load_before}, after {load_after}")
     print(f"{JOINT}: conv channels {JOINT_CONV_CHANNELS}, heads {JOINT_HEADS}, FFN units {JOINT_UNITS}")
@@ -153,6 +160,7 @@ def main() -> None:
         return r["technique"] if r["ratio"] is None else f"{r['technique']}@{r['ratio']}"
 
     print(json.dumps({
+        "base": args.base,
         "worst_time_over_mac_ratio": round(worst["time_over_mac"], 4),
         "worst": key(worst),
         "all_within_1_15": all(r["time_over_mac"] <= 1.15 for r in rows),

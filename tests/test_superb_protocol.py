@@ -3,6 +3,10 @@
 Published for HuBERT Base (the leaderboard, profiled with its DeepSpeed profiler fork):
 all 1,669,156,022,848 MACs; buckets 149,255,103,040 / 261,280,279,552 / 422,366,359,296 /
 836,254,280,960; params 94,697,600.
+
+WavLM (S3PRL's ``wavlm_local`` and our upstream agree): its attention is HuBERT's plus the gate's Linear
+(8 outputs from each head's chunk of the block input, every frame); the relative position bias is a lookup
+and its gating element-wise, and the fork's MHA formula charges the mask add whether or not a mask is given.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_end_to_end import make_delta
 from test_profile import analytic_macs
 from upstream_compressed.cli import main
 from upstream_compressed.expert import UpstreamExpert
 from upstream_compressed.model import HUBERT, LayerConfig, ModelConfig, SpeechTransformer
 from upstream_compressed.model.convert import load_base
-from upstream_compressed.model.layers import factorize
+from upstream_compressed.model.layers import GATE_OUTPUTS, factorize
 from upstream_compressed.superb.macs import LeaderboardMacCounter
 from upstream_compressed.superb.protocol import FORM_FIELDS, LENGTHS, superb_profile, utterance_macs
-from upstream_compressed.testing.checkpoints import HUBERT_BASE, make_hubert_checkpoint
+from upstream_compressed.testing.checkpoints import HUBERT_BASE, HUBERT_BASE_CONV_LAYERS, make_hubert_checkpoint
+from upstream_compressed.testing.wavlm_checkpoints import make_wavlm_checkpoint
 from upstream_compressed.upstream_profile import load_upstream
 
 PUBLISHED_HUBERT_BASE = {
@@ -34,6 +40,9 @@ PUBLISHED_HUBERT_BASE = {
     "paramShared": 94_697_600,
 }
 PRETRAINING_ONLY = ("mask_emb", "label_embs_concat", "final_proj.weight", "final_proj.bias")
+# WavLM Base+'s shape: HuBERT Base's, plus the gated relative position bias (320 buckets up to 800 frames).
+WAVLM_BASE_PLUS = dict(layers=12, dim=768, ffn=3072, heads=12, conv_layers=HUBERT_BASE_CONV_LAYERS, conv_pos=128,
+                       conv_pos_groups=16, num_buckets=320, max_distance=800, gru_rel_pos=True)
 
 
 def counted(fn) -> int:
@@ -101,14 +110,24 @@ def test_s3prl_0418_pads_odd_frame_counts_by_one(base_checkpoint):
     assert padded[1] - unpadded[1] == 12 * (per_layer(108) - per_layer(107))
 
 
+def frame_count(config: ModelConfig, samples: int) -> int:
+    """Frames the conv front end makes of ``samples`` (no padding, so each conv drops its tail)."""
+    for _, kernel, stride in config.conv_layers:
+        samples = (samples - kernel) // stride + 1
+    return samples
+
+
 def protocol_macs(config: ModelConfig, samples: int) -> int:
-    """The analytic count plus what the fork's MHA formula adds: bias adds, scaling, mask, softmax x 2, dropout."""
-    frames = (samples - 400) // 320 + 1
+    """The analytic count plus what the fork's MHA formula adds (bias adds, scaling, mask, softmax x 2,
+    dropout) and, for WavLM, the gate's Linear on each kept head's chunk of the block input."""
+    frames = frame_count(config, samples)
     extras = 0
     for layer in config.layers:
         inner = layer.num_heads * config.head_dim
         if layer.num_heads:
             extras += 4 * frames * inner + (4 if config.attention_dropout else 3) * layer.num_heads * frames * frames
+            if config.gated_relative_position:
+                extras += frames * inner * GATE_OUTPUTS
     return analytic_macs(config, samples) + extras
 
 
@@ -150,3 +169,43 @@ def test_s3prl_distiller_and_ours_give_the_same_form(distiller_ckpt):
     base = load_base(distiller_ckpt)
     ours = superb_profile(UpstreamExpert(SpeechTransformer.from_state_dict(base.config, base.state_dict)))
     assert superb_profile(load_upstream("distiller_local", str(distiller_ckpt))) == ours
+
+
+def test_tiny_wavlm_s3prl_ours_and_the_formula_agree(tmp_path):
+    """A tiny WavLM with the relative position bias and gate (attention dropout 0.1): S3PRL's wavlm_local, our
+    model, and the formula per utterance; then pruned heads (original ids 2, 0; none in layer 1) by the formula."""
+    ckpt = make_wavlm_checkpoint(tmp_path / "tiny_wavlm.pt")
+    base = load_base(ckpt)
+    assert base.config.gated_relative_position and base.config.relative_position_buckets
+    lengths = (*LENGTHS[:2], LENGTHS[-1])
+    expected = [protocol_macs(base.config, n) for n in lengths]
+    assert utterance_macs(load_upstream("wavlm_local", str(ckpt)), lengths) == expected
+    model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
+    assert utterance_macs(UpstreamExpert(model), lengths) == expected
+    model.keep_heads(0, [2, 0])
+    model.keep_heads(1, [])
+    pruned = [protocol_macs(model.config, n) for n in lengths]
+    assert utterance_macs(UpstreamExpert(model), lengths) == pruned
+    assert utterance_macs(UpstreamExpert(model), lengths, compute=True) == pruned  # skipping arithmetic: same
+
+
+@pytest.fixture(scope="module")
+def wavlm_base_plus(tmp_path_factory):
+    """A random WavLM Base+-shaped checkpoint and its identity delta, made by the real CLI."""
+    ckpt = make_wavlm_checkpoint(tmp_path_factory.mktemp("wavlm") / "wavlm_base_plus.pt", **WAVLM_BASE_PLUS)
+    return ckpt, make_delta(ckpt, [])
+
+
+def test_wavlm_base_plus_s3prl_and_our_identity_delta_give_the_same_macs(wavlm_base_plus):
+    """wavlm_local and wavlm_identity agree on every MAC field; both are HuBERT Base's published numbers plus the
+    gate (12 layers x 8 outputs x 768 inputs per frame). Our upstream drops WavLM's mask_emb (pre-training only)."""
+    ckpt, delta = wavlm_base_plus
+    s3prl = superb_profile(load_upstream("wavlm_local", str(ckpt)))
+    ours = superb_profile(load_upstream("wavlm_identity", str(delta)))
+    assert {k: ours[k] for k in FORM_FIELDS[:-1]} == {k: s3prl[k] for k in FORM_FIELDS[:-1]}
+    gate = [12 * GATE_OUTPUTS * 768 * ((n - 400) // 320 + 1) for n in LENGTHS]
+    expected = {"macs": PUBLISHED_HUBERT_BASE["macs"] + sum(gate)}
+    for i, name in enumerate(FORM_FIELDS[1:5]):
+        expected[name] = PUBLISHED_HUBERT_BASE[name] + sum(gate[8 * i: 8 * i + 8])
+    assert {k: ours[k] for k in FORM_FIELDS[:-1]} == expected
+    assert s3prl["paramShared"] - ours["paramShared"] == WAVLM_BASE_PLUS["dim"]  # mask_emb

@@ -10,10 +10,11 @@ call counts). This module applies the same formulas to the same calls:
   out_channels / groups x kernel size; transposed convs: input positions x the same product.
 - ``matmul``/``mm``/``bmm`` (and ``@``): numel of the first operand x last dim of the second;
   ``addmm``: numel of mat1 x last dim of mat2; ``einsum``: numpy's optimal contraction cost / 2.
-- ``F.multi_head_attention_forward`` (what S3PRL's HuBERT/wav2vec 2.0/DistilHuBERT attention calls):
-  the projections and both attention matmuls, and also, by the fork's formula, one MAC per
+- ``F.multi_head_attention_forward`` (what S3PRL's HuBERT/wav2vec 2.0/DistilHuBERT/WavLM attention
+  calls): the projections and both attention matmuls, and also, by the fork's formula, one MAC per
   in-projection bias add (per input element of q, k and v), per query scaling, per attention-mask
-  add and per dropout (whenever ``dropout_p`` > 0, in eval mode too), and two per softmax element.
+  add (whether or not a mask is given: WavLM gives its gated position bias) and per dropout
+  (whenever ``dropout_p`` > 0, in eval mode too), and two per softmax element.
 - Everything else (element-wise arithmetic, activations, norms, softmax, pooling) adds no MACs.
 
 Two extensions beyond the fork, for code it predates: ``baddbmm`` counts like ``bmm``, and

@@ -40,6 +40,11 @@ def _count_attention_like_fairseq(module: nn.Module, counter: LeaderboardMacCoun
     q/k/v bias adds and, when an attention dropout rate is configured, dropout (in eval mode too).
     Our block calls ``F.linear`` and ``scaled_dot_product_attention`` instead (dropout 0 in eval),
     so these two terms are added here; the rest is counted at those calls.
+
+    WavLM needs nothing more: S3PRL's passes its gated relative position bias to the same function as
+    ``attn_mask`` (whose add the formula charges with or without a mask, as our SDPA rule does), and runs
+    its gate as a Linear before it, as ours does on each kept head's input chunk; the bias lookup and the
+    gating are element-wise, which the fork charges nothing.
     """
 
     def hook(block: SelfAttention, args: tuple) -> None:
