@@ -7,6 +7,12 @@ the ``num_heads`` attribute set, smaller FFN Linears, a sublayer replaced by one
 and the scale as a parameter of the stock ``FeatureExtractor`` applied by a forward hook. The state
 dict of such a model has exactly the keys of DPHuBERT's, so :func:`torchaudio_reference` is the
 reference that parity tests compare against.
+
+WavLM: :func:`make_torchaudio_wavlm_checkpoint` writes torchaudio's own ``wavlm_model``;
+:func:`make_dpwavlm_checkpoint` slices such a file as DPHuBERT's ``prune()`` does (kept heads' q/k/v
+rows and out_proj columns, FFN units, removed sublayers' tensors dropped, ``gru_rel_pos_const`` left at
+full width) and saves it with DPHuBERT's ``wavlm_model`` arguments, so the unpruned torchaudio model
+with the removed parts zeroed is an independent reference for it.
 """
 
 from __future__ import annotations
@@ -164,4 +170,135 @@ def make_torchaudio_checkpoint(path: str | os.PathLike, config: dict[str, Any] |
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "config": config, **(extra or {})}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ WavLM
+def wavlm_stock_config(*, layers: int = 3, dim: int = 45, heads: int = 5, ffn: int = 37, buckets: int = 10,
+                       max_distance: int = 24, conv_pos: int = 15, conv_pos_groups: int = 5,
+                       **options: Any) -> dict[str, Any]:
+    """Keyword arguments of torchaudio's own ``wavlm_model``: odd sizes (heads of 9) and a few buckets, so
+    distances beyond the exact range share logarithmic ones within a second of audio."""
+    config = stock_config(layers=layers, dim=dim, heads=heads, ffn=ffn, conv_pos=conv_pos,
+                          conv_pos_groups=conv_pos_groups, **options)
+    config.update(encoder_num_buckets=buckets, encoder_max_distance=max_distance)
+    return config
+
+
+def load_torchaudio_wavlm(path: str | os.PathLike) -> nn.Module:
+    """torchaudio's own ``wavlm_model`` of a saved stock file, with its weights (strict)."""
+    from torchaudio.models import wavlm_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = wavlm_model(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval()
+
+
+def make_torchaudio_wavlm_checkpoint(path: str | os.PathLike, config: dict[str, Any] | None = None, *,
+                                     seed: int = 0) -> Path:
+    """A random torchaudio ``wavlm_model`` of ``config`` (default :func:`wavlm_stock_config`) as
+    ``{"state_dict", "config"}``: non-zero q/k/v/out biases, a random bias table and gate."""
+    from torchaudio.models import wavlm_model
+
+    config = wavlm_stock_config() if config is None else config
+    torch.manual_seed(seed)
+    model = wavlm_model(**config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    _randomize(model, generator, False)
+    with torch.no_grad():
+        for layer in model.encoder.transformer.layers:
+            attention = layer.attention  # nn.MultiheadAttention starts its biases at zero: make them count
+            for bias in (attention.attention.in_proj_bias, attention.attention.out_proj.bias):
+                bias.copy_(0.2 * torch.randn(bias.shape, generator=generator))
+            attention.gru_rel_pos_const.copy_(0.5 + torch.rand(attention.gru_rel_pos_const.shape, generator=generator))
+            gate = attention.gru_rel_pos_linear
+            gate.weight.copy_(0.5 * torch.randn(gate.weight.shape, generator=generator))
+            gate.bias.copy_(0.5 * torch.randn(gate.bias.shape, generator=generator))
+        table = model.encoder.transformer.layers[0].attention.rel_attn_embed.weight
+        table.copy_(torch.randn(table.shape, generator=generator))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": dict(model.state_dict()), "config": config}, path)
+    return path
+
+
+def dpwavlm_config(stock: dict[str, Any], *, remaining_heads: list[list[int]] | None = None,
+                   ffn: list[int] | None = None, use_attention: list[bool] | None = None,
+                   use_feed_forward: list[bool] | None = None) -> dict[str, Any]:
+    """DPHuBERT's ``wavlm_model`` keyword arguments (as its prune.py saves them) for ``stock`` pruned as given."""
+    count, total = stock["encoder_num_layers"], stock["encoder_num_heads"]
+    remaining = [list(r) for r in remaining_heads] if remaining_heads is not None else [list(range(total))] * count
+    config = {k: v for k, v in stock.items() if k != "encoder_num_heads"}
+    config.update(
+        encoder_use_attention=list(use_attention) if use_attention is not None else [bool(r) for r in remaining],
+        encoder_use_feed_forward=list(use_feed_forward or [True] * count),
+        encoder_total_num_heads=[total] * count,
+        encoder_remaining_heads=remaining,
+        encoder_ff_interm_features=list(ffn or [stock["encoder_ff_interm_features"]] * count),
+        normalize_waveform=False,
+        extractor_prune_conv_channels=False, encoder_prune_attention_heads=False,
+        encoder_prune_attention_layer=False, encoder_prune_feed_forward_intermediate=False,
+        encoder_prune_feed_forward_layer=False,
+    )
+    return config
+
+
+def make_dpwavlm_checkpoint(path: str | os.PathLike, stock_path: str | os.PathLike, *,
+                            remaining_heads: list[list[int]] | None = None,
+                            ffn_units: list[list[int] | None] | None = None,
+                            use_attention: list[bool] | None = None,
+                            use_feed_forward: list[bool] | None = None) -> Path:
+    """The stock WavLM file ``stock_path`` pruned as DPHuBERT's ``prune()`` leaves it, saved as DPWavLM.
+
+    ``remaining_heads``: each layer's kept original heads (default all; [] removes the sublayer, as
+    DPHuBERT does when no head survives). ``ffn_units``: each layer's kept FFN units (None: all).
+    ``use_attention`` / ``use_feed_forward``: False removes the sublayer's tensors whatever is kept.
+    The positional conv is stored as torch's old weight-norm hook did and ``dummy_weight`` is ones
+    (conv channels unpruned), as in DPHuBERT's files.
+    """
+    ckpt = torch.load(stock_path, map_location="cpu", weights_only=True)
+    stock, state = ckpt["config"], dict(ckpt["state_dict"])
+    count, total, dim = stock["encoder_num_layers"], stock["encoder_num_heads"], stock["encoder_embed_dim"]
+    head_dim = dim // total
+    ffn_units = ffn_units or [None] * count
+    ffn = [stock["encoder_ff_interm_features"] if units is None else len(units) for units in ffn_units]
+    config = dpwavlm_config(stock, remaining_heads=remaining_heads, ffn=ffn, use_attention=use_attention,
+                            use_feed_forward=use_feed_forward)
+    out: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        if not key.startswith("encoder.transformer.layers."):
+            out[key.replace("conv.parametrizations.weight.original0", "conv.weight_g")
+                .replace("conv.parametrizations.weight.original1", "conv.weight_v")] = tensor
+    for i in range(count):
+        src = f"encoder.transformer.layers.{i}"
+        for name in ("layer_norm", "final_layer_norm"):
+            for p in ("weight", "bias"):
+                out[f"{src}.{name}.{p}"] = state[f"{src}.{name}.{p}"]
+        if config["encoder_use_attention"][i]:
+            heads = config["encoder_remaining_heads"][i]
+            index = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+            for p in ("weight", "bias"):  # DPHuBERT's prune_linear_layer: kept output rows of q/k/v
+                for proj, part in zip(("q_proj", "k_proj", "v_proj"),
+                                      state[f"{src}.attention.attention.in_proj_{p}"].chunk(3, dim=0)):
+                    out[f"{src}.attention.{proj}.{p}"] = part[index].clone()
+            out[f"{src}.attention.out_proj.weight"] = state[f"{src}.attention.attention.out_proj.weight"][:, index].clone()
+            out[f"{src}.attention.out_proj.bias"] = state[f"{src}.attention.attention.out_proj.bias"]
+            for p in ("weight", "bias"):  # the gate acts on every original head's chunk: unchanged
+                out[f"{src}.attention.gru_rel_pos_linear.{p}"] = state[f"{src}.attention.gru_rel_pos_linear.{p}"]
+            out[f"{src}.attention.gru_rel_pos_const"] = state[f"{src}.attention.gru_rel_pos_const"]  # full width
+            if i == 0:
+                out[f"{src}.attention.rel_attn_embed.weight"] = state[f"{src}.attention.rel_attn_embed.weight"]
+        if config["encoder_use_feed_forward"][i]:
+            units = ffn_units[i]
+            keep = torch.arange(stock["encoder_ff_interm_features"]) if units is None else torch.tensor(units)
+            dense = f"{src}.feed_forward"
+            out[f"{dense}.intermediate_dense.weight"] = state[f"{dense}.intermediate_dense.weight"][keep].clone()
+            out[f"{dense}.intermediate_dense.bias"] = state[f"{dense}.intermediate_dense.bias"][keep].clone()
+            out[f"{dense}.output_dense.weight"] = state[f"{dense}.output_dense.weight"][:, keep].clone()
+            out[f"{dense}.output_dense.bias"] = state[f"{dense}.output_dense.bias"]
+    out["feature_extractor.dummy_weight"] = torch.ones(config["extractor_conv_layer_config"][-1][0])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": out, "config": config}, path)
     return path
