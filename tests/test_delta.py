@@ -22,6 +22,7 @@ from upstream_compressed.delta import (
     load_compressed,
     make_delta,
     read_delta,
+    slice_base,
     write_delta,
 )
 from upstream_compressed.model import SpeechTransformer
@@ -83,6 +84,50 @@ def test_structure_composes_over_repeated_pruning():
     structure.keep_heads(0, [3, 1, 0], base_heads=4)
     structure.keep_heads(0, [2, 0], base_heads=4)
     assert structure.layers[0].kept_heads == [0, 3]
+
+
+def test_structure_of_channels_and_removed_sublayers_composes_and_round_trips():
+    structure = Structure.identity(type("C", (), {"num_layers": 2})())
+    structure.keep_channels(2, [5, 1, 3], base_channels=8)  # conv layers 0 and 1 stay whole (None)
+    structure.keep_channels(2, [2, 0], base_channels=8)
+    structure.keep_channels(0, [1], base_channels=4)
+    assert structure.conv_channels == [[1], None, [3, 5]]
+    structure.keep_heads(1, [1], base_heads=4)
+    structure.keep_units(0, [0, 2], base_units=6)
+    structure.remove_attention(1)
+    structure.remove_ffn(0)
+    assert (structure.layers[1].attention, structure.layers[1].kept_heads) == (False, [])
+    assert (structure.layers[0].ffn, structure.layers[0].kept_units) == (False, [])
+    assert structure.layers[0].attention and structure.layers[1].ffn
+    data = json.loads(json.dumps(structure.to_dict()))
+    assert data["conv_channels"] == [[1], None, [3, 5]]
+    assert "attention" not in data["layers"][0] and data["layers"][1]["attention"] is False
+    assert Structure.from_dict(data) == structure
+    assert "conv_channels" not in Structure.identity(type("C", (), {"num_layers": 1})()).to_dict()
+
+
+def test_slice_base_applies_channels_heads_units_and_removed_sublayers(hubert_ckpt, padded_batch):
+    """The sliced base equals the base model taken through the same operations one by one."""
+    base = load_base(hubert_ckpt)
+    structure = Structure.identity(base.config)
+    structure.keep_channels(6, [3, 0, 7], base_channels=base.config.conv_layers[6][0])
+    structure.keep_heads(0, [2, 1], base_heads=4)
+    structure.keep_units(1, [4, 0, 9], base_units=base.config.layers[1].ffn_dim)
+    structure.remove_attention(1)
+    structure.remove_ffn(0)
+    expected = SpeechTransformer.from_state_dict(base.config, base.state_dict)
+    expected.keep_channels(6, [3, 0, 7])
+    expected.keep_heads(0, [2, 1])
+    expected.keep_units(1, [4, 0, 9])
+    expected.remove_attention(1)
+    expected.remove_ffn(0)
+    sliced = slice_base(base, structure)
+    assert sliced.keys() == expected.state_dict().keys()
+    assert all(torch.equal(sliced[k], v) for k, v in expected.state_dict().items())
+    with pytest.raises(DeltaError, match="conv layers"):
+        slice_base(base, Structure(structure.layers, [None] * (len(base.config.conv_layers) + 1)))
+    with pytest.raises(DeltaError, match="conv layer 6"):
+        slice_base(base, Structure(structure.layers, [None] * 6 + [[0, 0]]))
 
 
 # ---------------------------------------------------------------------------- bad files
