@@ -133,6 +133,22 @@ def require_uniform(config: ModelConfig) -> LayerConfig:
     return first
 
 
+def fairseq_model_fields(config: ModelConfig, layer: LayerConfig) -> dict[str, Any]:
+    """The fairseq model-config fields that describe a uniform structure (HuBERT, wav2vec 2.0 and WavLM share them)."""
+    return {
+        "encoder_layers": config.num_layers,
+        "encoder_embed_dim": config.embed_dim,
+        "encoder_ffn_embed_dim": layer.ffn_dim,
+        "encoder_attention_heads": layer.num_heads,
+        "layer_norm_first": config.layer_norm_first,
+        "conv_feature_layers": repr(config.conv_layers),
+        "extractor_mode": config.extractor_mode,
+        "conv_bias": config.conv_bias,
+        "conv_pos": config.conv_pos,
+        "conv_pos_groups": config.conv_pos_groups,
+    }
+
+
 def dense_state(converted: Converted) -> dict[str, Tensor]:
     """The state dict without weight-pruning masks: S3PRL's layouts have no place for them, and the weights
     are already zero where a mask prunes them (the file then runs dense in S3PRL's own upstreams)."""

@@ -22,6 +22,7 @@ from ..config import HUBERT, ModelConfig
 from .common import (
     Converted,
     dense_state,
+    fairseq_model_fields,
     fairseq_renames,
     invert,
     pad_heads,
@@ -140,18 +141,7 @@ def write(converted: Converted) -> dict[str, Any]:
     weights.update(pretraining)
     model_cfg = dict(converted.extras.get("model_cfg", {}))
     model_cfg.setdefault("_name", MODEL_NAME)  # what :func:`matches` reads first
-    model_cfg.update(
-        encoder_layers=config.num_layers,
-        encoder_embed_dim=config.embed_dim,
-        encoder_ffn_embed_dim=layer.ffn_dim,
-        encoder_attention_heads=layer.num_heads,
-        layer_norm_first=config.layer_norm_first,
-        conv_feature_layers=repr(config.conv_layers),
-        extractor_mode=config.extractor_mode,
-        conv_bias=config.conv_bias,
-        conv_pos=config.conv_pos,
-        conv_pos_groups=config.conv_pos_groups,
-    )
+    model_cfg.update(fairseq_model_fields(config, layer))
     task_cfg = dict(converted.extras.get("task_cfg", {"sample_rate": 16000}))
     task_cfg["normalize"] = config.normalize_waveform
     return {"task_cfg": task_cfg, "model_cfg": model_cfg, "model_weight": weights}
