@@ -48,8 +48,8 @@ def renames(config: ModelConfig) -> dict[str, str]:
     return names
 
 
-def read(ckpt: dict[str, Any]) -> Converted:
-    model_cfg, task_cfg = dict(ckpt["model_cfg"]), dict(ckpt["task_cfg"])
+def model_config(model_cfg: dict[str, Any], task_cfg: dict[str, Any], **more: Any) -> ModelConfig:
+    """Our config of fairseq's HubertConfig fields (wav2vec 2.0's Wav2Vec2Config shares them); ``more`` adds fields."""
     base = defaults()
     cfg = {**base, **{k: v for k, v in model_cfg.items() if k in base}}
     if cfg.get("layer_type", "transformer") != "transformer":
@@ -59,24 +59,30 @@ def read(ckpt: dict[str, Any]) -> Converted:
     head_dim, layers = uniform_layers(
         cfg["encoder_layers"], cfg["encoder_embed_dim"], cfg["encoder_attention_heads"], cfg["encoder_ffn_embed_dim"]
     )
-    config = ModelConfig(
+    return ModelConfig(
         kind=HUBERT,
         embed_dim=cfg["encoder_embed_dim"],
         head_dim=head_dim,
         layers=layers,
         conv_layers=parse_conv_layers(cfg["conv_feature_layers"]),
         extractor_mode=cfg["extractor_mode"],
-        conv_bias=cfg["conv_bias"],
+        conv_bias=bool(cfg["conv_bias"]),
         conv_pos=cfg["conv_pos"],
         conv_pos_groups=cfg["conv_pos_groups"],
-        layer_norm_first=cfg["layer_norm_first"],
+        layer_norm_first=bool(cfg["layer_norm_first"]),
         feature_layer_norm=True,
         normalize_waveform=bool(task_cfg.get("normalize", False)),
         activation=cfg["activation_fn"],
         dropout=cfg["dropout"],
         attention_dropout=cfg["attention_dropout"],
         activation_dropout=cfg["activation_dropout"],
+        **more,
     )
+
+
+def read(ckpt: dict[str, Any]) -> Converted:
+    model_cfg, task_cfg = dict(ckpt["model_cfg"]), dict(ckpt["task_cfg"])
+    config = model_config(model_cfg, task_cfg)
     state, rest = rename(ckpt["model_weight"], renames(config))
     extras = {
         "task_cfg": task_cfg,

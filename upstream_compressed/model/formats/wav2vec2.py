@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import HUBERT, ModelConfig
+from . import hubert  # Wav2Vec2Config's fields and defaults for the encoder are HubertConfig's
 from .common import (
     Converted,
     dense_state,
@@ -26,12 +27,9 @@ from .common import (
     fairseq_renames,
     invert,
     pad_heads,
-    parse_conv_layers,
     rename,
     require_uniform,
-    uniform_layers,
 )
-from .hubert import defaults as fairseq_defaults  # Wav2Vec2Config's defaults for these fields are HubertConfig's
 
 NAME = "s3prl_wav2vec2"
 MODEL_NAME = "wav2vec2"  # fairseq's registry name, in the model config's ``_name``
@@ -71,30 +69,7 @@ def _refuse_unsupported(model_cfg: dict[str, Any]) -> None:
 def read(ckpt: dict[str, Any]) -> Converted:
     model_cfg, task_cfg = dict(ckpt["model_cfg"]), dict(ckpt["task_cfg"])
     _refuse_unsupported(model_cfg)
-    base = fairseq_defaults()
-    cfg = {**base, **{k: v for k, v in model_cfg.items() if k in base}}
-    head_dim, layers = uniform_layers(
-        cfg["encoder_layers"], cfg["encoder_embed_dim"], cfg["encoder_attention_heads"], cfg["encoder_ffn_embed_dim"]
-    )
-    config = ModelConfig(
-        kind=HUBERT,
-        embed_dim=cfg["encoder_embed_dim"],
-        head_dim=head_dim,
-        layers=layers,
-        conv_layers=parse_conv_layers(cfg["conv_feature_layers"]),
-        extractor_mode=cfg["extractor_mode"],
-        conv_bias=bool(cfg["conv_bias"]),
-        conv_pos=cfg["conv_pos"],
-        conv_pos_groups=cfg["conv_pos_groups"],
-        layer_norm_first=bool(cfg["layer_norm_first"]),
-        feature_layer_norm=True,
-        normalize_waveform=bool(task_cfg.get("normalize", False)),
-        conv_length_padding=True,
-        activation=cfg["activation_fn"],
-        dropout=cfg["dropout"],
-        attention_dropout=cfg["attention_dropout"],
-        activation_dropout=cfg["activation_dropout"],
-    )
+    config = hubert.model_config(model_cfg, task_cfg, conv_length_padding=True)
     state, rest = rename(ckpt["model_weight"], renames(config))
     unknown = sorted(key for key in rest if not key.startswith(PRETRAINING_PREFIXES))
     if unknown:  # a tensor the upstream uses that we would silently drop
