@@ -71,12 +71,12 @@ TABLE = """\
 """
 
 CSV = """\
-method,rate,model,params (M),MACs (G / 10 s),eff. MACs (G / 10 s),RTF (cpu),PER %,SID acc %,SID lr
-base,,hubert,94.68,69.50,69.50,0.120,5.41,81.42,0.01
-head_pruning,0.25,h_quarter,87.60,64.80,64.80,0.105,6.12,76.55,0.01
-head_pruning,0.5,h_half,80.50,60.10,60.10,0.0900,7.13,,
-low_rank,0.5,lowrank50,,,,,8.00,,
-weight_pruning,0.9,sparse90,94.68,69.50,8.12,0.0812,10.00,,
+method,rate,model,params (M),MACs (G / 10 s),eff. MACs (G / 10 s),RTF (cpu),PER %,SID acc %,SID lr,PER 95% low,PER 95% high,SID acc 95% low,SID acc 95% high
+base,,hubert,94.68,69.50,69.50,0.120,5.41,81.42,0.01,,,,
+head_pruning,0.25,h_quarter,87.60,64.80,64.80,0.105,6.12,76.55,0.01,,,,
+head_pruning,0.5,h_half,80.50,60.10,60.10,0.0900,7.13,,,,,,
+low_rank,0.5,lowrank50,,,,,8.00,,,,,,
+weight_pruning,0.9,sparse90,94.68,69.50,8.12,0.0812,10.00,,,,,,
 """
 
 

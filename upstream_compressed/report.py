@@ -19,8 +19,26 @@ Input: an experiment folder EXPDIR, as the pipeline (``run_downstream.sh``) fill
 Every model folder with a model.json gives one row; a missing profile.json or result.json only
 leaves its cells empty ('-'), so the report can be made while the pipeline is still running.
 
+Beside each result.json, S3PRL's evaluation left its per-utterance output (PR: ``test-hyp.ark`` and
+``test-ref.ark``; SID: ``test_predict.txt`` and ``test_truth.txt``). From them each task entry of a row
+(``rows[i]["PR"]``, ``rows[i]["SID"]``) gets, as fractions like ``test`` (see
+:mod:`upstream_compressed.statistics` for the bootstrap):
+
+- ``test_runs``: one score per run (seed); today one run per model and task, so a one-element list;
+- ``test_mean``: their mean; ``test_ci95``: ``[low, high]``, the 95% two-level bootstrap interval
+  (seeds, then utterances);
+- ``vs_base``: ``{"diff", "ci95", "p"}``, this model minus the base model (the row with method
+  ``base``) by a paired bootstrap over the same utterances and seeds; null on the base row itself;
+- ``stats_note``: null, or why some of these are null (per-utterance files missing or disagreeing
+  with result.json, utterance ids differing from the base's, no single base model).
+
+Missing per-utterance files never fail the report: those fields are null and ``stats_note`` says why.
+report.md then shows ``mean ± half-width`` of the interval and marks with ``*`` a difference from the
+base whose interval excludes 0; the plots draw the intervals as error bars. ``report.json`` also gets
+``"statistics"``: the bootstrap's description, resamples, seed and level.
+
 Output, in OUTDIR (default EXPDIR): ``report.md`` (the table, its notes and the plots),
-``report.csv`` (the same cells; missing ones empty), ``per_vs_macs.png``, ``acc_vs_macs.png``,
+``report.csv`` (the same cells, scores as plain numbers with their 95% intervals' ends in columns of their own; missing ones empty), ``per_vs_macs.png``, ``acc_vs_macs.png``,
 ``per_vs_seconds.png``; and ``EXPDIR/report.json``: ``{"seconds_audio": float | null, "rows": [...]}``,
 each row the model.json fields plus ``"profile"``, ``"PR"`` and ``"SID"`` (the files' contents or null).
 
@@ -38,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import statistics
 from .delta import atomic_write_bytes
 
 if TYPE_CHECKING:  # matplotlib is imported only when plotting, so other commands do not pay for it
@@ -63,6 +82,8 @@ class Report:
     rows: list[dict[str, Any]]
     seconds_audio: float | None
     warnings: list[str] = field(default_factory=list)
+    resamples: int = statistics.RESAMPLES
+    seed: int = statistics.SEED
 
 
 def _no_constant(name: str) -> None:
@@ -114,7 +135,57 @@ def _read_result(folder: Path) -> dict[str, Any]:
     return result
 
 
-def load_report(expdir: str | Path) -> Report:
+def _run_folders(folder: Path) -> list[Path]:
+    """The S3PRL expdirs of one model and task, one per run (seed). Today one: the result's own folder."""
+    return [folder]
+
+
+# result.json's test is S3PRL's printed value: PER exactly the per-utterance aggregate, accuracy a float32 mean
+_AGREE = 1e-6
+
+
+def _task_runs(folder: Path, result: dict[str, Any]) -> statistics.Runs:
+    """The per-utterance scores of a result's runs, checked against the test score result.json holds."""
+    task = result["task"]
+    runs = [statistics.read_run(f, task) for f in _run_folders(folder)]
+    if len(runs) == 1 and abs(runs[0].score - result["test"]) > _AGREE:
+        output, reference = statistics.FILES[task]
+        raise statistics.StatisticsError(
+            f"{folder}: {output} and {reference} give test {result['metric']} {runs[0].score!r}, but result.json "
+            f"holds {result['test']!r}: they come from different evaluations; evaluate it again")
+    return statistics.Runs.of(runs)
+
+
+def _add_statistics(rows: dict[str, dict[str, Any]], folders: dict[tuple[str, str], Path], resamples: int,
+                    seed: int) -> None:
+    """Per task: each result's test_runs / test_mean / test_ci95 / vs_base / stats_note, in place."""
+    for task in TASKS:
+        systems: dict[str, statistics.Runs] = {}
+        for name, row in rows.items():
+            if row[task] is None:
+                continue
+            row[task].update(statistics.empty_fields())
+            try:
+                systems[name] = _task_runs(folders[task, name], row[task])
+            except statistics.StatisticsError as error:
+                row[task]["stats_note"] = f"no per-utterance scores: {error}"
+        bases = sorted(name for name, row in rows.items() if row["method"] == "base" and row[task] is not None)
+        base = bases[0] if len(bases) == 1 and bases[0] in systems else None
+        for name, fields in statistics.task_statistics(systems, base, resamples=resamples, seed=seed).items():
+            rows[name][task].update(fields)
+        if base is None:
+            if not bases:
+                why = f"no base model (method base) has a {task} result"
+            elif len(bases) > 1:
+                why = f"several base models ({', '.join(bases)}); which one a model compresses is not recorded"
+            else:
+                why = f"the base {bases[0]} has no per-utterance scores"
+            for name in systems:
+                if rows[name]["method"] != "base":
+                    rows[name][task]["stats_note"] = f"no vs_base: {why}"
+
+
+def load_report(expdir: str | Path, resamples: int = statistics.RESAMPLES, seed: int = statistics.SEED) -> Report:
     """Read every model's model.json, profile.json and downstream results under ``expdir`` into rows."""
     expdir = Path(expdir)
     models_dir = expdir / "models"
@@ -139,6 +210,7 @@ def load_report(expdir: str | Path) -> Report:
         raise ReportError(f"{models_dir} holds no model folder with a model.json; nothing to report")
     downstream = expdir / "downstream"
     folders = sorted(p for p in downstream.iterdir() if p.is_dir()) if downstream.is_dir() else []
+    result_folders: dict[tuple[str, str], Path] = {}
     for folder in folders:
         if not (folder / "result.json").is_file():
             continue  # training not finished yet: its cells stay empty
@@ -147,6 +219,8 @@ def load_report(expdir: str | Path) -> Report:
             warnings.append(f"skipped {folder / 'result.json'}: no models/{result['model']}/model.json")
             continue
         rows[result["model"]][result["task"]] = result
+        result_folders[result["task"], result["model"]] = folder
+    _add_statistics(rows, result_folders, resamples, seed)
     seconds = {row["profile"]["seconds_audio"] for row in rows.values() if row["profile"]}
     if len(seconds) > 1:
         raise ReportError(f"profiles under {models_dir} were measured on different audio lengths "
@@ -154,7 +228,7 @@ def load_report(expdir: str | Path) -> Report:
                           "compare; profile every model with the same --seconds")
     ordered = sorted(rows.values(), key=lambda r: (r["method"] != "base", r["method"], r["rate"] is not None,
                                                    r["rate"] or 0.0, r["model"]))
-    return Report(ordered, seconds.pop() if seconds else None, warnings)
+    return Report(ordered, seconds.pop() if seconds else None, warnings, resamples, seed)
 
 
 def _scaled(value: float, scale: float) -> str:
@@ -163,12 +237,36 @@ def _scaled(value: float, scale: float) -> str:
     return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:#.3g}"
 
 
+def _score_cell(entry: dict[str, Any] | None, intervals: bool = True) -> str | None:
+    """``mean ± half-width`` (percent) where an interval exists, ``*`` if its difference from the base excludes 0;
+    the plain score without ``intervals``."""
+    if not entry:
+        return None
+    if entry.get("test_ci95") is None or not intervals:
+        return f"{100 * entry['test']:.2f}"
+    low, high = entry["test_ci95"]
+    mark = "*" if statistics.excludes_zero((entry.get("vs_base") or {}).get("ci95")) else ""
+    return f"{100 * entry['test_mean']:.2f} ± {100 * (high - low) / 2:.2f}{mark}"
+
+
+def _has_statistics(report: Report) -> bool:
+    return any(row[t] and row[t].get("test_ci95") is not None for row in report.rows for t in TASKS)
+
+
 def _devices(report: Report) -> set[str]:
     return {row["profile"]["device"] for row in report.rows if row["profile"]}
 
 
-def table(report: Report) -> tuple[list[str], list[list[str | None]]]:
-    """Header and cells of the table; a missing value is None."""
+def _interval_cells(entry: dict[str, Any] | None) -> list[str | None]:
+    """The 95% interval's ends in percent (a CSV keeps numbers in its cells)."""
+    if not entry or entry.get("test_ci95") is None:
+        return [None, None]
+    return [f"{100 * end:.2f}" for end in entry["test_ci95"]]
+
+
+def table(report: Report, intervals: bool = True) -> tuple[list[str], list[list[str | None]]]:
+    """Header and cells of the table; a missing value is None. Without ``intervals`` the score cells are plain
+    numbers and the intervals' ends get columns of their own."""
     per = f" / {report.seconds_audio:g} s" if report.seconds_audio is not None else ""
     devices = sorted(_devices(report))
     mixed = len(devices) > 1  # then each RTF cell names its device
@@ -188,10 +286,13 @@ def table(report: Report) -> tuple[list[str], list[list[str | None]]]:
             _scaled(profile["macs"], 1e9) if profile else None,
             _scaled(profile["macs_effective"], 1e9) if profile else None,
             rtf,
-            f"{100 * pr['test']:.2f}" if pr else None,
-            f"{100 * sid['test']:.2f}" if sid else None,
+            _score_cell(pr, intervals),
+            _score_cell(sid, intervals),
             f"{sid['lr']:g}" if sid else None,
+            *([] if intervals else [*_interval_cells(pr), *_interval_cells(sid)]),
         ])
+    if not intervals:
+        header += ["PER 95% low", "PER 95% high", "SID acc 95% low", "SID acc 95% high"]
     return header, cells
 
 
@@ -203,7 +304,7 @@ def markdown_table(report: Report) -> str:
 
 
 def csv_table(report: Report) -> str:
-    header, cells = table(report)
+    header, cells = table(report, intervals=False)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
@@ -219,7 +320,39 @@ def markdown_report(report: Report) -> str:
              "(speaker identification) are test-set percentages; SID lr is the downstream learning rate, "
              "which SID accuracy depends on strongly. '-' = not measured yet.")
     plots = "\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in PLOTS)
-    return f"# Compression trade-offs\n\n{markdown_table(report)}\n{notes}\n\n{plots}\n"
+    return f"# Compression trade-offs\n\n{markdown_table(report)}\n{notes}\n\n{statistics_section(report)}{plots}\n"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def statistics_section(report: Report) -> str:
+    """The note on intervals, the differences from the base, and the rows without intervals; '' if none."""
+    if not _has_statistics(report):
+        missing = [f"{row['model']} {t}" for row in report.rows for t in TASKS if row[t]]
+        return (f"No interval: no per-utterance test output was found ({', '.join(missing)}); "
+                "report.json's stats_note says why.\n\n") if missing else ""
+    lines = [f"PER and SID accuracy cells with ± show the mean over runs (seeds) ± half the width of its 95% "
+             f"interval ({statistics.METHOD}; {report.resamples} resamples, seed {report.seed}; the interval "
+             "itself, which need not be symmetric, is test_ci95 in report.json). * marks a model whose "
+             "difference from the base has a 95% interval that excludes 0.", ""]
+    diffs = [(row, t) for row in report.rows for t in TASKS if row[t] and row[t].get("vs_base")]
+    if diffs:
+        lines += ["Differences from the base (this model minus the base, percentage points; PER: positive = more "
+                  "errors; accuracy: positive = better):", "",
+                  "| model | task | runs | diff | 95% interval | p |", "|---|---|---:|---:|---:|---:|"]
+        for row, t in diffs:
+            vs = row[t]["vs_base"]
+            mark = "*" if statistics.excludes_zero(vs["ci95"]) else ""
+            lines.append(f"| {row['model']} | {t} | {len(row[t]['test_runs'])} | {_percent(vs['diff'])}{mark} | "
+                         f"[{_percent(vs['ci95'][0])}, {_percent(vs['ci95'][1])}] | {vs['p']:.3g} |")
+        lines.append("")
+    notes = [f"{row['model']} {t}: {row[t]['stats_note']}" for row in report.rows for t in TASKS
+             if row[t] and row[t].get("stats_note")]
+    if notes:
+        lines += ["Not computed:", "", *(f"- {note}" for note in notes), ""]
+    return "\n".join(lines) + "\n"
 
 
 def _seconds_label(report: Report) -> str:
@@ -251,7 +384,21 @@ def _figure(report: Report, task: str, x_of: str, title: str, xlabel: str) -> Fi
         if not row["profile"] or not row[task]:
             return None
         scale = 1e9 if x_of == "macs_effective" else 1.0
-        return row["profile"][x_of] / scale, 100 * row[task]["test"]
+        mean = row[task].get("test_mean")
+        return row["profile"][x_of] / scale, 100 * (row[task]["test"] if mean is None else mean)
+
+    def error_bars(rows: list[dict[str, Any]], colour: str) -> None:
+        """The 95% intervals (test_ci95) of the rows that have one, as vertical bars."""
+        xs, ys, below, above = [], [], [], []
+        for row in rows:
+            if (p := point(row)) is not None and (interval := row[task].get("test_ci95")) is not None:
+                xs.append(p[0])
+                ys.append(p[1])
+                below.append(max(0.0, p[1] - 100 * interval[0]))  # a percentile interval need not hold the mean
+                above.append(max(0.0, 100 * interval[1] - p[1]))
+        if xs:
+            axes.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colour, elinewidth=1, capsize=3,
+                          label="_nolegend_")
 
     drawn = 0
     for method in methods:
@@ -260,6 +407,7 @@ def _figure(report: Report, task: str, x_of: str, title: str, xlabel: str) -> Fi
         if not rows:
             continue
         axes.plot([p[0] for p, _ in rows], [p[1] for p, _ in rows], marker="o", color=colours[method], label=method)
+        error_bars([r for r in report.rows if r["method"] == method], colours[method])
         for (x, y), rate in rows:
             if rate is not None:
                 axes.annotate(f"{rate:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -268,6 +416,7 @@ def _figure(report: Report, task: str, x_of: str, title: str, xlabel: str) -> Fi
         if row["method"] == "base" and (p := point(row)) is not None:
             axes.plot([p[0]], [p[1]], marker="*", markersize=14, linestyle="none", color="black",
                       label=f"base ({row['model']})")
+            error_bars([row], "black")
             drawn += 1
     if drawn:
         axes.legend(fontsize=8)
@@ -311,7 +460,9 @@ def write_report(expdir: str | Path, outdir: str | Path | None = None) -> tuple[
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=120)
         write(outdir / f"{name}.png", png.getvalue())
-    merged = {"seconds_audio": report.seconds_audio, "rows": report.rows}
+    merged = {"seconds_audio": report.seconds_audio, "rows": report.rows,
+              "statistics": {"method": statistics.METHOD, "resamples": report.resamples, "seed": report.seed,
+                             "level": statistics.LEVEL}}
     write(expdir / "report.json", (json.dumps(merged, indent=2, allow_nan=False) + "\n").encode())
     return report, written
 
