@@ -306,7 +306,8 @@ def test_a_spoiled_plan_is_refused_naming_the_field(plan_folder, data):
 
 
 # --------------------------------------------------------------------------- -g options files
-OPTION_FIELDS = {"base": "path", "mean_std": "path", "sparse_execution": "execution", "trust_checkpoint": "bool"}
+OPTION_FIELDS = {"base": "path", "mean_std": "path", "sparse_execution": "execution", "trust_checkpoint": "bool",
+                 "precision": "precision"}
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +349,8 @@ def test_a_spoiled_options_file_is_refused_naming_the_option(identity_delta, hub
         field = data.draw(st.sampled_from(sorted(OPTION_FIELDS)))
         if field == "sparse_execution":
             bad = st.one_of(JUNK, OUT_OF_RANGE).filter(lambda v: v is not None and v not in ("auto", "dense", "sparse"))
+        elif field == "precision":
+            bad = st.one_of(JUNK, OUT_OF_RANGE).filter(lambda v: v is not None and v not in ("fp32", "bf16", "fp16"))
         else:
             bad = spoiled(OPTION_FIELDS[field]).filter(lambda v: v is not None)
         options[field] = data.draw(bad)

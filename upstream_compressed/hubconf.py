@@ -10,6 +10,10 @@ Weight-pruned Linears run dense or through a sparse kernel: the ``-g`` yaml's ``
 (``auto``, ``dense`` or ``sparse``), else the ``UPSTREAM_COMPRESSED_SPARSE_EXECUTION`` environment
 variable, else ``auto`` (sparse where it is faster on the device).
 
+The forward runs in the ``-g`` yaml's ``precision`` (``fp32``, ``bf16`` or ``fp16``), else the
+``UPSTREAM_COMPRESSED_PRECISION`` environment variable, else ``fp32`` (no autocast); bf16/fp16 run under
+``torch.autocast`` and return float32 hidden states (:mod:`upstream_compressed.expert` says per device).
+
 A MelHuBERT base also needs its fbank statistics file: the ``-g`` yaml's ``mean_std: PATH``, else
 ``UPSTREAM_COMPRESSED_MEAN_STD``, else the recorded path, else a file of the recorded name beside
 the base or the delta. ``melhubert_local`` runs a MelHuBERT checkpoint itself (``-k``), uncompressed.
@@ -29,7 +33,7 @@ from typing import Callable
 
 from .bases import KNOWN_BASES, download_known_base
 from .delta import Delta, DeltaError, build_compressed, read_delta
-from .expert import UpstreamExpert
+from .expert import UpstreamExpert, resolve_precision
 from .files import read_yaml
 from .model.sparse import resolve_execution
 from .model.trust import TRUST_OPTION, trusting
@@ -37,7 +41,7 @@ from .model.trust import TRUST_OPTION, trusting
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
 FAMILIES = ("hubert", "distilhubert", "melhubert", "dphubert", "wavlm", "wav2vec2")
-OPTION_NAMES = ("base", "mean_std", "sparse_execution", TRUST_OPTION)  # what a -g yaml may set
+OPTION_NAMES = ("base", "mean_std", "sparse_execution", "precision", TRUST_OPTION)  # what a -g yaml may set
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
     "identity",
@@ -90,6 +94,22 @@ def trust_option(model_config: str | None) -> bool:
     return value
 
 
+def precision_option(model_config: str | None) -> str:
+    """The ``-g`` yaml's ``precision``, else the environment variable's, else fp32; unknown values refused."""
+    try:
+        return resolve_precision(_options(model_config).get("precision"),
+                                 where=f"upstream options file (-g) {model_config}: precision")
+    except ValueError as error:
+        raise DeltaError(str(error)) from error
+
+
+def _expert(model, manifest: dict | None, precision: str) -> UpstreamExpert:
+    try:
+        return UpstreamExpert(model.eval(), manifest, precision=precision)
+    except ValueError as error:  # a precision this model cannot run in (fp16 on an fbank front end)
+        raise DeltaError(str(error)) from error
+
+
 def find_base(delta: Delta, delta_path: Path, model_config: str | None, refresh: bool) -> Path:
     """The local base checkpoint for ``delta`` (see the module docstring for the search order)."""
     explicit = _options(model_config).get("base") or os.environ.get(BASE_ENV)
@@ -122,6 +142,7 @@ def load_upstream(
     """Build the upstream for a delta, checking that it is what the entry name promises."""
     if not ckpt:
         raise DeltaError("no delta given: pass the .safetensors file written by `upstream-compressed compress` as -k")
+    precision = precision_option(model_config)  # before any work: a bad value costs nothing
     delta_path = Path(ckpt)
     delta = read_delta(delta_path)
     if family is not None and delta.base_family != family:
@@ -146,7 +167,7 @@ def load_upstream(
     with trusting(trusted):
         model = build_compressed(delta, base_path, mean_std, search=[delta_path.parent])
     model.set_sparse_execution(execution)
-    return UpstreamExpert(model.eval(), delta.manifest)
+    return _expert(model, delta.manifest, precision)
 
 
 def compressed_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
@@ -161,6 +182,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
 
     if not ckpt:
         raise DeltaError("no checkpoint given: pass a MelHuBERT checkpoint (.ckpt) as -k")
+    precision = precision_option(model_config)
     mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
     try:
         base = load_base(ckpt, mean_std=mean_std, trust=trust_option(model_config))
@@ -169,7 +191,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
     if base.source_format != "melhubert":
         raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not MelHuBERT; use hubert_local / distiller_local")
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    return UpstreamExpert(model.eval())
+    return _expert(model, None, precision)
 
 
 def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
@@ -179,6 +201,7 @@ def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = F
 
     if not ckpt:
         raise DeltaError("no checkpoint given: pass a DPHuBERT / torchaudio wav2vec2 checkpoint ({state_dict, config}) as -k")
+    precision = precision_option(model_config)
     try:
         base = load_base(ckpt, trust=trust_option(model_config))
     except CheckpointError as error:
@@ -187,7 +210,7 @@ def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = F
         raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not in torchaudio's wav2vec2 layout; "
                          "use hubert_local / distiller_local / melhubert_local")
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    return UpstreamExpert(model.eval())
+    return _expert(model, None, precision)
 
 
 def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:

@@ -17,6 +17,13 @@ raising the RSS (it read 0); ``malloc_trim(0)`` first hands those free pages bac
 the forward has to touch its working memory again and the RSS rise measures it. That is what the
 operating system sees (oneDNN scratch buffers and allocator slack included), unlike a count of
 tensor bytes, and costs nothing, unlike a fresh process per measurement.
+
+Precision: ``precision`` is what the forward computes in: for ours, the ``-g`` yaml's ``precision`` (or
+``UPSTREAM_COMPRESSED_PRECISION``) where it is bf16/fp16 (autocast, float32 hidden states out), else the
+weights' dtype (``fp32`` normally), as for any other upstream. ``precision_native`` says whether the
+device computes it in hardware: on CPU, from /proc/cpuinfo (bf16: ``avx512_bf16``/``amx_bf16``; fp16:
+``avx512_fp16``/``amx_fp16``; False: emulated, much slower than fp32; None: unknown); on CUDA, True
+(a CUDA device without bf16 refuses it).
 """
 
 from __future__ import annotations
@@ -88,6 +95,27 @@ def _speech_transformer(upstream: nn.Module):
     from .expert import UpstreamExpert
 
     return upstream.model if isinstance(upstream, UpstreamExpert) else None
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def upstream_precision(upstream: nn.Module) -> str:
+    """The precision the upstream's forward computes in (see the module docstring)."""
+    precision = getattr(upstream, "precision", None) if _speech_transformer(upstream) is not None else None
+    if precision not in (None, "fp32"):
+        return precision
+    dtype = next((p.dtype for p in upstream.parameters() if p.is_floating_point()), torch.float32)
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def precision_native(precision: str, device: torch.device) -> bool | None:
+    """Whether ``device`` computes ``precision`` in hardware (None: unknown)."""
+    from .expert import NATIVE_CPU_FLAGS, native_on_cpu
+
+    if device.type == "cpu" and precision in NATIVE_CPU_FLAGS:
+        return native_on_cpu(precision)
+    return True if device.type == "cuda" or precision in ("fp32", "fp64") else None
 
 
 def encoder_parameters(upstream: nn.Module) -> int | None:
@@ -193,6 +221,14 @@ def profile_upstream(
         raise ProfileError(f"--repeats must be at least 1, not {repeats}")
     target = resolve_device(device)
     upstream = upstream.eval().to(target)
+    precision = upstream_precision(upstream)
+    if _speech_transformer(upstream) is not None:  # a precision this device cannot run: refused before any work
+        from .expert import check_precision
+
+        try:
+            check_precision(getattr(upstream, "precision", "fp32"), target)
+        except RuntimeError as error:
+            raise ProfileError(str(error)) from error
     params = sum(p.numel() for p in upstream.parameters())
     macs, macs_effective = count_upstream_macs(upstream, seconds, target)
     generator = torch.Generator().manual_seed(seed)
@@ -207,6 +243,8 @@ def profile_upstream(
     return {
         "upstream": name,
         "device": str(target),
+        "precision": precision,
+        "precision_native": precision_native(precision, target),
         "threads": torch.get_num_threads() if target.type == "cpu" else None,
         "params": params,
         "params_encoder": encoder_parameters(upstream),
@@ -231,6 +269,9 @@ def format_profile(result: dict[str, Any]) -> str:
     lines = [
         f"upstream        {result['upstream']} on {result['device']}"
         + (f" ({result['threads']} threads)" if result.get("threads") else ""),
+        f"precision       {result.get('precision', 'n/a')}"
+        + (" (emulated on this CPU: no native support in /proc/cpuinfo, slower than fp32)"
+           if result.get("precision_native") is False else ""),
         f"params          {number(result['params'])} (encoder layers {number(result['params_encoder'])})",
         f"MACs            {result['macs'] / 1e9:.2f} G per {result['seconds_audio']:g} s of audio"
         + ("" if result["macs_effective"] in (None, result["macs"])

@@ -18,10 +18,15 @@ def hubert_tiny(ckpt: str | None = None, model_config: str | None = None, refres
     from s3prl.upstream.hubert.hubconf import hubert_local
 
     from ..delta import DeltaError
-    from ..hubconf import trust_option
+    from ..hubconf import precision_option, trust_option
     from ..model.convert import CheckpointError, check_checkpoint_file
     from ..model.trust import full_unpickling_by_s3prl
 
+    precision = precision_option(model_config)
+    if precision != "fp32":  # S3PRL's own upstream runs as S3PRL builds it: nothing of ours wraps its forward
+        raise DeltaError(f"hubert_tiny is S3PRL's own hubert_local on the bundled checkpoint and runs in fp32 only, "
+                         f"not precision {precision}; for {precision}, make an identity delta of tiny_hubert "
+                         "(`upstream-compressed compress` of a recipe with no steps) and use -u hubert_identity")
     path = str(ckpt or bundled_checkpoint("tiny_hubert"))
     try:
         needs_full_unpickling = check_checkpoint_file(path, trust=trust_option(model_config))

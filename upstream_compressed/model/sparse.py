@@ -15,6 +15,11 @@ set (from the upstream's ``-g`` option ``sparse_execution``), else the environme
 :data:`EXECUTION_ENV`, else ``auto``: CSR on CPU from :data:`CPU_MIN_SPARSITY` on, dense otherwise
 and always dense on CUDA (no sparse kernel won there; the measurement is noted below).
 ``sparse`` forces CSR (or 2:4 on CUDA where the mask allows it), ``dense`` the GEMM.
+
+Under ``torch.autocast`` (the upstream's ``precision: bf16|fp16``) the dense path runs in the autocast
+dtype like any Linear, but the CSR kernel runs in float32: torch's sparse CSR matmul has no bf16/fp16
+kernel on CPU (``"addmm_out_sparse_csr_impl_mkl" not implemented for 'BFloat16'``), so autocast is
+switched off around it and its input cast up; its output is float32 and the next op casts it down again.
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ class _CsrKernel:
         self.chunk = CPU_CHUNK_ROWS if weight.device.type == "cpu" else None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # no low-precision CSR kernel: see the module docstring
+            with torch.autocast(x.device.type, enabled=False):
+                return self._multiply(x.to(self.matrix.dtype))
+        return self._multiply(x)
+
+    def _multiply(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         out_features = self.matrix.shape[0]
         if rows.shape[0] == 0:
