@@ -245,3 +245,24 @@ def test_unsupported_wavlm_options_are_named(tmp_path, gated_ckpt, field, value)
     torch.save(ckpt, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match=f"s3prl_wavlm.*cfg {field}"):
         load_base(tmp_path / "odd.pt")
+
+
+@pytest.mark.parametrize("name", ["wavlm_base", "wavlm_base_plus", "wavlm_large"])
+def test_known_wavlm_names_download_by_s3prls_own_path(tmp_path, monkeypatch, s3prl_hub, name):
+    """The URL is the one S3PRL's own entry of that name asks for, fetched by S3PRL's downloader."""
+    from s3prl.upstream.wavlm import hubconf
+    import s3prl.util.download as download
+
+    from upstream_compressed.bases import KNOWN_BASES, resolve_base
+
+    asked = {}
+    monkeypatch.setattr(hubconf, "wavlm_url", lambda **kwargs: asked.update(kwargs))
+    getattr(hubconf, name)()
+    assert KNOWN_BASES[name] == asked["ckpt"]
+
+    local = make_wavlm_checkpoint(tmp_path / f"{name}.pt")  # what the download would have left in S3PRL's cache
+    fetched = []
+    monkeypatch.setattr(download, "_urls_to_filepaths", lambda url, refresh=False: fetched.append(url) or str(local))
+    path = resolve_base(name)
+    assert fetched == [KNOWN_BASES[name]] and path == local
+    assert load_base(path).source_format == "s3prl_wavlm"
