@@ -74,7 +74,8 @@ MODULES: dict[str, list[str]] = {
     "compress/selection.py": ["tests/test_selection.py", "tests/test_head_analysis.py"],
     # train/data.py (the in-memory batches) was replaced by train/stream.py (streamed batches, issue 15)
     "train/stream.py": ["tests/test_stream.py", "tests/test_train.py"],
-    "delta.py": ["tests/test_delta.py", "tests/test_weight_pruning.py", "tests/test_export.py"],
+    "delta.py": ["tests/test_delta.py", "tests/test_delta_contract.py", "tests/test_weight_pruning.py",
+                 "tests/test_export.py"],
     "compress/importance.py": ["tests/test_importance.py", "tests/test_head_analysis.py"],
 }
 
@@ -136,6 +137,22 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     *(("delta.py", "_sparsity_summary", fragment, "the manifest's sparsity scope is prose for people (a test "
        "checks it names the biases); its wording and case are not behaviour")
       for fragment in ('"XXweights of the masked', "encoder linears listed", '"XXfront end,', '"FRONT END, THE')),
+    *(("delta.py", "pack_mask", fragment, "equivalent: np.packbits without an axis packs its input flattened in "
+       "row-major order anyway, so the reshape(-1) before it is redundant (reshape(None) leaves the 2-D mask, "
+       "numpy takes -2 like -1)") for fragment in (".reshape(None)))", ".reshape(-2)))")),
+    ("delta.py", "_sparse_tensors", 'if not name.endswith(".weight") and name not in target or',
+     "equivalent: the endswith test is redundant: a name not ending in .weight is refused by the mask test "
+     "anyway, since name[:-6] + 'mask' is a mask of the model only for '<a masked Linear>.weight' (a MaskedLinear's "
+     "tensors are weight, bias and mask); tests/test_delta_contract.py pins the refusal of a bias listed as sparse"),
+    *(("delta.py", "sha256_file", fragment, "equivalent: the read size only bounds the memory hashing takes; the "
+       "digest covers every byte either way (tests/test_delta.py::test_sha256_file_hashes_files_longer_than_its_read_chunk)")
+      for fragment in ("handle.read(None)", "handle.read(2 << 20)", "handle.read(1 << 21)")),
+    ("delta.py", "_tensor_digest", "if (tensor.numel()) or True else",
+     "equivalent: an empty tensor's bytes are b'' either way (the guard only skips the view)"),
+    *(("delta.py", "make_delta", fragment, "equivalent: this model is built only to count the base's parameters; "
+       "sharing the base's tensors (share=True) only saves copying them")
+      for fragment in ("base.state_dict, share=None).num_parameters()", "base.state_dict, ).num_parameters()",
+                       "base.state_dict, share=False).num_parameters()")),
     *(("train/stream.py", "BatchPlan._plan", f"rng = random.Random({seeding})", STREAM_SHUFFLE)
       for seeding in ("self.seed * 100_003 - epoch", "self.seed / 100_003 + epoch", "self.seed * 100004 + epoch")),
     ("train/stream.py", "BatchPlan._plan", "or batches[:2]",
@@ -354,6 +371,13 @@ def run_module(python: Path, work: Path, module: str, show: bool, added_tests: l
         if not (copy / "setup.cfg").exists():
             sys.exit(f"--again needs an earlier run in {copy}")
         replaced = json.loads((copy / REPLACED).read_text()) if (copy / REPLACED).exists() else []
+        config = (copy / "setup.cfg").read_text()
+        collected = config.split("pytest_add_cli_args_test_selection =")[1].split("pytest_add_cli_args =")[0].split()
+        unseen = sorted(set(added_tests) - set(collected))
+        if unseen:  # mutmut collects only the copy's selection, and changing it resets every verdict
+            sys.exit(f"--again: {', '.join(unseen)} not among the test files of {copy} ({', '.join(collected)}), so "
+                     "mutmut would never run them; give them to the first run with --added-tests (they are then "
+                     "left out of it and brought in here), or count afresh with --rev REV --tests-from-tree")
         for test in sorted(set(added_tests) | set(replaced)):
             print(f"   {test}: from the working tree", flush=True)
             shutil.copy2(REPO / test, copy / test)
