@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import threading
 import time
@@ -12,6 +13,7 @@ import torch
 from upstream_compressed.model import HUBERT, LayerConfig, ModelConfig, SpeechTransformer
 from upstream_compressed.model.convert import HUBERT_FORMAT, Converted
 from upstream_compressed.model.formats import wav2vec2, wavlm
+from upstream_compressed.relative_timing import interleaved_times, synchronize  # noqa: F401 (re-exported)
 
 HUBERT_BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 HUBERT_BASE_CONV_SPEC = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
@@ -59,33 +61,14 @@ def wav2vec2_base_shape(seed: int = 0) -> Converted:
 BASE_SHAPES = {"hubert": hubert_base_shape, "wavlm": wavlm_base_plus_shape, "wav2vec2": wav2vec2_base_shape}
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a wall-clock reading covers it (nothing to wait for on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def interleaved_medians(models: list[torch.nn.Module], wav: torch.Tensor, rounds: int, warmup: int = 1) -> list[float]:
     """Median forward time of each model, timed in alternation so drifts in machine load hit all alike.
 
-    Each round starts one model later, so that no model gains from always running in the same place."""
-    import statistics
-    import time
-
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for model in models:
-            model.eval()
-            for _ in range(warmup):
-                model(wav)
-        for round_ in range(rounds):
-            for i in [(round_ + k) % len(models) for k in range(len(models))]:
-                model = models[i]
-                synchronize(wav[0].device)
-                start = time.perf_counter()
-                model(wav)
-                synchronize(wav[0].device)
-                times[i].append(time.perf_counter() - start)
+    Each round starts one model later, so that no model gains from always running in the same place
+    (the loop is the package's, shared with ``upstream-compressed time-vs-base``)."""
+    for model in models:
+        model.eval()
+    times = interleaved_times([lambda m=m: m(wav) for m in models], rounds, warmup, wav[0].device)
     return [statistics.median(t) for t in times]
 
 
