@@ -7,6 +7,12 @@
 #   ./run_downstream.sh --librispeech /data/LibriSpeech --lexicon /data/librispeech-lexicon.txt \
 #       --voxceleb1 /data/VoxCeleb1 --base hubert_base --recipes "recipes/full/heads50.yaml recipes/full/kd.yaml" \
 #       --device cuda --expdir result/full   # real data, official SUPERB configs (a GPU job)
+#   ./run_downstream.sh ... --seeds 0,1,2    # every downstream run once per seed (the report's intervals use them)
+#
+# Real data follows SUPERB's protocol: PR and SID each search the learning rates 1e-1, 1e-2, 1e-3, 1e-4
+# with the first seed, test the rate with the best dev score and run the other seeds at it only
+# (n_rates + n_seeds - 1 runs per model and task; --no-lr-search turns it off). The default (no
+# arguments) runs once per model and task, at the configs' rates, S3PRL's seed.
 #
 # Stages (--stages, comma-separated; default all): corpus, experiment (compress, train, test), profile,
 # report, submission (SUPERB leaderboard: MAC protocol + predict.zip for one model, --submit). Work already done is kept (deltas, result.json, profile.json): a killed job resumes where
@@ -32,6 +38,12 @@ Options:
   --stages LIST        corpus,experiment,profile,report,submission (default all)
   --submit MODEL       the model the submission stage packages (default base)
   --profile-seconds S  audio length for the profile (default 10)
+  --seeds LIST         downstream seeds, comma-separated (e.g. 0,1,2): each run repeated per seed
+                       (default: one run, S3PRL's seed)
+  --sid-lr-search LIST SID learning rates to search, comma-separated (real data default 0.1,0.01,0.001,0.0001;
+                       elsewhere none); the best dev accuracy is chosen (a tie: the first listed)
+  --pr-lr-search LIST  the same for PR, the lowest dev PER chosen
+  --no-lr-search       real data without the search: the official configs' learning rates
   --launcher KIND      local (default): --jobs processes here; slurm: every compression and downstream
                        run is its own Slurm job (submitit); submitit-local: the same jobs on this machine
   --slurm-partition P  --slurm-gpus N  --slurm-time MIN  --slurm-mem GB  --slurm-cpus N
@@ -41,7 +53,7 @@ EOF
 }
 
 PLAN="" EXPDIR="" CORPUS=data/embedded_corpus LIBRISPEECH="" LEXICON="" VOXCELEB1="" VOX_SPLIT=""
-LAUNCH_ARGS=()
+LAUNCH_ARGS=() EXPERIMENT_ARGS=() LR_SEARCH=1
 BASE="" RECIPES="" MODELS="" JOBS=2 DEVICE=cpu STAGES=corpus,experiment,profile,report,submission SECONDS_AUDIO=10 FORCE=0 SUBMIT=base
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,6 +74,8 @@ while [ $# -gt 0 ]; do
     --profile-seconds) SECONDS_AUDIO=$2; shift 2 ;;
     --launcher) LAUNCH_ARGS+=(--launcher "$2"); shift 2 ;;
     --slurm-partition|--slurm-gpus|--slurm-time|--slurm-mem|--slurm-cpus) LAUNCH_ARGS+=("$1" "$2"); shift 2 ;;
+    --seeds|--sid-lr-search|--pr-lr-search) EXPERIMENT_ARGS+=("$1" "$2"); shift 2 ;;
+    --no-lr-search) LR_SEARCH=0; shift ;;
     --force) FORCE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run_downstream.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -93,10 +107,11 @@ if [ $REAL = 1 ]; then
   [ -z "$LIBRISPEECH" ] || TASKS=pr
   [ -z "$VOXCELEB1" ] || TASKS=${TASKS:+$TASKS,}sid
   export LIBRISPEECH VOXCELEB1  # recipes/full/*.yaml read their audio as ${LIBRISPEECH}/...
-  python - "$PLAN" "$BASE" "$LIBRISPEECH" "$LEXICON" "$VOXCELEB1" "${VOX_SPLIT:-${VOXCELEB1:+$VOXCELEB1/iden_split.txt}}" $RECIPES <<'EOF'
+  python - "$PLAN" "$BASE" "$LIBRISPEECH" "$LEXICON" "$VOXCELEB1" "${VOX_SPLIT:-${VOXCELEB1:+$VOXCELEB1/iden_split.txt}}" \
+      "$LR_SEARCH" $RECIPES <<'EOF'
 import sys, yaml
 from pathlib import Path
-plan, base, libri, lexicon, vox, split, *recipes = sys.argv[1:]
+plan, base, libri, lexicon, vox, split, lr_search, *recipes = sys.argv[1:]
 from upstream_compressed.recipe import load_recipe, technique_name
 # The plan lives in EXPDIR and its relative paths would be read from there: write them absolute.
 absolute = lambda value: str(Path(value).resolve()) if value else "/nonexistent"
@@ -108,9 +123,11 @@ vocab = str(Path("upstream_compressed/corpus/phoneme.txt").resolve())
 data = {"librispeech": absolute(libri), "lexicon": absolute(lexicon), "vocab": vocab,
         "voxceleb1": absolute(vox), "voxceleb1_split": absolute(split)}
 base = absolute(base) if base and Path(base).is_file() else base
+# SUPERB's protocol: each task's learning rate searched (the first seed), the best dev score's tested.
+search = {"sid_lr_search": [0.1, 0.01, 0.001, 0.0001], "pr_lr_search": [0.1, 0.01, 0.001, 0.0001]}
 Path(plan).write_text(yaml.safe_dump({"base": base or "hubert_base", "override_base": bool(base), "data": data,
     "pr_config": "ctc_libriphone", "sid_config": "voxceleb1",
-    "models": models}, sort_keys=False))
+    **(search if lr_search == "1" else {}), "models": models}, sort_keys=False))
 EOF
   PLAN_ARGS=()
 else
@@ -138,7 +155,7 @@ fi
 if has_stage experiment; then
   stamp "experiment: $PLAN -> $EXPDIR (compress, then PR/SID train and test; $JOBS at a time on $DEVICE)"
   "${CLI[@]}" experiment "$PLAN" --expdir "$EXPDIR" --tasks "$TASKS" --jobs "$JOBS" --device "$DEVICE" "${PLAN_ARGS[@]}" \
-      ${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"}
+      ${LAUNCH_ARGS[@]+"${LAUNCH_ARGS[@]}"} ${EXPERIMENT_ARGS[@]+"${EXPERIMENT_ARGS[@]}"}
 fi
 if has_stage profile; then
   stamp "profile: every model on $SECONDS_AUDIO s of audio, CPU, one at a time"
@@ -155,9 +172,12 @@ if has_stage submission; then
   stamp "submission: $SUBMIT (SUPERB MAC protocol, then predict.zip from its tested PR/SID expdirs)"
   read -r UPSTREAM CKPT < <(python -c "import json,sys; m=json.load(open(sys.argv[1])); print(m['upstream'], m.get('ckpt') or '')" "$MODEL_JSON")
   "${CLI[@]}" profile -u "$UPSTREAM" ${CKPT:+-k "$CKPT"} --protocol superb --json | tee "$EXPDIR/superb_form_$SUBMIT.json"
+  # S3PRL's expdir of a task: the folder itself, or with seeds its first seed's run (at the chosen rate)
+  run_of() { python -c "import json, pathlib, sys; f = pathlib.Path(sys.argv[1]); r = f / 'result.json'
+runs = json.loads(r.read_text()).get('runs') if r.is_file() else None; print(f / runs[0] if runs else f)" "$1"; }
   SUBMISSION=()
-  [ ! -d "$EXPDIR/downstream/pr_$SUBMIT" ] || SUBMISSION+=(--pr "$EXPDIR/downstream/pr_$SUBMIT")
-  [ ! -d "$EXPDIR/downstream/sid_$SUBMIT" ] || SUBMISSION+=(--sid "$EXPDIR/downstream/sid_$SUBMIT")
+  [ ! -d "$EXPDIR/downstream/pr_$SUBMIT" ] || SUBMISSION+=(--pr "$(run_of "$EXPDIR/downstream/pr_$SUBMIT")")
+  [ ! -d "$EXPDIR/downstream/sid_$SUBMIT" ] || SUBMISSION+=(--sid "$(run_of "$EXPDIR/downstream/sid_$SUBMIT")")
   "${CLI[@]}" submission "${SUBMISSION[@]}" -o "$EXPDIR/predict_$SUBMIT.zip"
 fi
 stamp "done in $(( $(date +%s) - START )) s: $EXPDIR"

@@ -212,3 +212,31 @@ def test_bad_files_are_named_in_the_error(tmp_path, capsys, damage, message):
     assert main(["report", str(root)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(root) in err
+
+
+def test_time_beside_the_base_gets_its_column_and_quartiles(expdir, tmp_path):
+    for model, ratio in (("hubert", 1.0), ("h_half", 0.81)):
+        path = expdir / "models" / model / "profile.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "time_ratio_to_base": ratio, "time_ratio_iqr": [ratio - 0.02, ratio + 0.03]}))
+    report = load_report(expdir)
+    from upstream_compressed.report import csv_table, markdown_table
+
+    lines = markdown_table(report).splitlines()
+    assert "| RTF (cpu) | time / base | PER %" in lines[0]
+    half = next(line for line in lines if "| h_half |" in line)
+    assert "| 0.810 (0.790-0.840) |" in half
+    quarter = next(line for line in lines if "| h_quarter |" in line)  # profiled, not timed beside the base
+    assert "| 0.105 | - |" in quarter
+    rows = {r.split(",")[2]: r.split(",") for r in csv_table(report).splitlines()}
+    header = rows["model"]
+    assert header[7] == "time / base" and header[-2:] == ["time / base q25", "time / base q75"]
+    assert rows["h_half"][7] == "0.810" and rows["h_half"][-2:] == ["0.790", "0.840"]
+    assert rows["h_quarter"][7] == "" and rows["h_quarter"][-2:] == ["", ""]
+
+
+def test_a_time_ratio_without_its_quartiles_is_refused(expdir):
+    path = expdir / "models" / "h_half" / "profile.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "time_ratio_to_base": 0.8, "time_ratio_iqr": [0.7]}))
+    with pytest.raises(ReportError, match="time_ratio_iqr is \\[0.7\\]"):
+        load_report(expdir)

@@ -121,17 +121,34 @@ A plan is a file or a bundled plan's name (quick, tiny). Paths inside a plan or 
 to that file's folder, after ~ and ${VAR} are expanded; recipe, pr_config and sid_config may also be
 bundled names (tiny/kd, ctc_libriphone_embedded). Recipes read their audio as ${CORPUS}/..., which
 the plan's corpus (or --corpus) sets.
+
+Seeds and SUPERB's learning-rate search (each flag replaces the plan's seeds / sid_lr_search /
+pr_lr_search field):
+
+  upstream-compressed experiment quick --corpus c --expdir e --seeds 0,1,2 --sid-lr-search 1e-1,1e-2,1e-3,1e-4
+
+Every searched rate trains with the first seed; the rate with the best dev score (min PER, max
+accuracy; a tie goes to the rate listed first) is tested, then the other seeds run at it only:
+n_rates + n_seeds - 1 runs per model and task, each its own job (EXPDIR/downstream/<task>_<model>/runs/
+lr<rate>-seed<seed>/), combined in EXPDIR/downstream/<task>_<model>/result.json. A model with its own
+downstream_lr is not searched. Without --seeds a search uses S3PRL's default seed (1337).
 """
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from .experiments import PlanError, load_plan, run_plan
+    from dataclasses import replace
+
+    from .experiments import PlanError, load_plan, rates_from_text, run_plan, seeds_from_text
     from .launch import SlurmOptions
 
     tasks = [] if args.no_downstream else [t for t in args.tasks.split(",") if t]
     if (not tasks and not args.no_downstream) or any(t not in ("pr", "sid") for t in tasks):
         raise PlanError(f"--tasks {args.tasks!r}: give a comma-separated subset of pr,sid")
+    seeds = None if args.seeds is None else seeds_from_text(args.seeds, "--seeds")
+    searches = {task: rates_from_text(text, f"--{task}-lr-search")
+                for task, text in (("sid", args.sid_lr_search), ("pr", args.pr_lr_search)) if text is not None}
     plan = load_plan(args.plan, corpus=args.corpus)
+    plan = replace(plan, seeds=plan.seeds if seeds is None else seeds, lr_search={**plan.lr_search, **searches})
     try:
         results = run_plan(
             plan, Path(args.expdir), tasks, jobs=args.jobs, device=args.device, threads=args.threads,
@@ -145,7 +162,8 @@ def _experiment(args: argparse.Namespace) -> int:
         print(f"upstream-compressed experiment: {error}", file=sys.stderr)
         return 1
     for result in sorted(results, key=lambda r: (r["task"], r["model"])):
-        print(f"{result['task']:<4} {result['model']:<24} test {result['metric']} {result['test']:.4f}")
+        seeds = f"  (mean of {len(result['seeds'])} seed(s), lr {result['lr']:g})" if "seeds" in result else ""
+        print(f"{result['task']:<4} {result['model']:<24} test {result['metric']} {result['test']:.4f}{seeds}")
     return 0
 
 
@@ -314,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--threads", type=int, default=1, help="CPU threads per run (default 1)")
     experiment.add_argument("--pr-steps", type=int, help="override the PR config's total_steps")
     experiment.add_argument("--sid-steps", type=int, help="override the SID config's total_steps")
+    experiment.add_argument("--seeds", metavar="LIST",
+                            help="comma-separated downstream seeds (S3PRL's --seed), e.g. 0,1,2: every run is "
+                            "repeated per seed, each in downstream/<task>_<model>/runs/lr<rate>-seed<seed>/, and the "
+                            "report's intervals resample them (replaces the plan's seeds:; default one run, "
+                            "S3PRL's seed)")
+    experiment.add_argument("--sid-lr-search", metavar="LIST",
+                            help="comma-separated SID learning rates to search as SUPERB does, e.g. "
+                            "1e-1,1e-2,1e-3,1e-4: each trains with the first seed, the best dev accuracy is "
+                            "chosen (a tie: the first listed), tested, and the other seeds run at it only "
+                            "(replaces sid_lr_search:; models with downstream_lr are not searched)")
+    experiment.add_argument("--pr-lr-search", metavar="LIST",
+                            help="the same for PR, choosing the lowest dev PER (replaces pr_lr_search:)")
     experiment.add_argument("--profile-seconds", type=float, help="also profile every model on this many seconds "
                             "of audio (CPU, one at a time, after training) into models/<model>/profile.json")
     experiment.add_argument("--profile-repeats", type=int, default=5, help="timed forwards per profile (default 5)")
@@ -335,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .embedded.commands import add_commands
 
     add_commands(commands)  # make-corpus, pretrain
+    from .relative_timing_command import add_command
+
+    add_command(commands)  # time-vs-base
     analyse = commands.add_parser("analyse", aliases=["analyze"], help="analyses of a model (heads)")
     analyses = analyse.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
     heads = analyses.add_parser(

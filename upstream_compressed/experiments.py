@@ -22,12 +22,26 @@ name it ``${CORPUS}/...``, which the plan's corpus sets for every compression.
 Real data sets instead of a make-corpus folder: ``data: {librispeech: DIR, lexicon: FILE, vocab: FILE,
 voxceleb1: DIR, voxceleb1_split: iden_split.txt}`` (each overrides what ``corpus`` would give).
 
+Seeds and SUPERB's learning-rate search (``--seeds``, ``--sid-lr-search``, ``--pr-lr-search`` replace them)::
+
+    seeds: [0, 1, 2]                          # each downstream run once per seed (S3PRL's --seed)
+    sid_lr_search: [0.1, 0.01, 0.001, 0.0001] # train each rate with the first seed, keep the best dev score
+    pr_lr_search: [0.1, 0.01, 0.001, 0.0001]
+
+A searched (task, model) trains every rate with the first seed, chooses the rate with the best dev
+score (min dev PER, max dev accuracy; a tie goes to the rate listed first), then runs the other seeds
+at that rate only: n_rates + n_seeds - 1 runs. A model with ``downstream_lr`` is not searched. A search
+without ``seeds`` uses S3PRL's default seed (1337). Without both, one run as before.
+
 Everything lands in EXPDIR in the layout ``upstream-compressed report`` reads::
 
     EXPDIR/models/<model>/model.json          what the model is (method, rate, upstream, ckpt)
     EXPDIR/models/<model>/delta.safetensors   for recipe models
     EXPDIR/models/<model>/profile.json        with profile_seconds (``--profile-seconds``)
     EXPDIR/downstream/<task>_<model>/         S3PRL's expdir; result.json once tested
+    EXPDIR/downstream/<task>_<model>/runs/lr<rate>-seed<seed>/   with seeds or a search: one S3PRL
+                                              expdir (and result.json) per run; the folder's own
+                                              result.json combines the chosen rate's seeds
 
 Each stage skips work already done (a delta, a result.json), so a killed job resumes; downstream
 runs go in parallel (``jobs``), each in its own process with one CPU thread unless told otherwise.
@@ -44,9 +58,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -97,9 +111,12 @@ class Plan:
     models: list[ModelSpec]
     data: dict[str, Path]  # DATA_KEYS -> paths the downstreams read
     override_base: bool = False  # compress every recipe on ``base`` instead of the recipe's own base
+    seeds: list[int] | None = None  # S3PRL --seed of each downstream run; None: one run, S3PRL's default seed
+    lr_search: dict[str, list[float]] = field(default_factory=dict)  # task key -> learning rates searched
 
 
-PLAN_FIELDS = {"corpus", "base", "pr_config", "sid_config", "models", "data", "override_base"}
+PLAN_FIELDS = {"corpus", "base", "pr_config", "sid_config", "models", "data", "override_base", "seeds",
+               "sid_lr_search", "pr_lr_search"}
 # What the downstreams read; a make-corpus folder provides all of them, `data:` can name each (real data).
 DATA_KEYS = ("librispeech", "lexicon", "vocab", "voxceleb1", "voxceleb1_split")
 TASK_DATA = {"pr": ("librispeech", "lexicon", "vocab"), "sid": ("voxceleb1", "voxceleb1_split")}
@@ -157,7 +174,70 @@ def load_plan(path: str | os.PathLike, corpus: str | os.PathLike | None = None) 
 
     base = file_or_name(data.get("base", "tiny_hubert"), folder, f"{path}: base", PlanError,
                         {*KNOWN_BASES, *BUNDLED})
-    return Plan(path, corpus_path, base, configs, models, paths, bool(data.get("override_base", False)))
+    seeds = None if data.get("seeds") is None else check_seeds(data["seeds"], f"{path}: seeds")
+    lr_search = {key: check_rates(data[f"{key}_lr_search"], f"{path}: {key}_lr_search")
+                 for key in TASKS if data.get(f"{key}_lr_search") is not None}
+    return Plan(path, corpus_path, base, configs, models, paths, bool(data.get("override_base", False)), seeds,
+                lr_search)
+
+
+# S3PRL's run_downstream --seed default: the seed of a search given without seeds.
+S3PRL_DEFAULT_SEED = 1337
+
+
+def check_seeds(values: Any, where: str) -> list[int]:
+    """A non-empty list of distinct seeds numpy accepts (S3PRL seeds numpy with it); the error names ``where``."""
+    if not isinstance(values, list) or not values:
+        raise PlanError(f"{where}: expected a non-empty list of seeds, got {values!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+            raise PlanError(f"{where}: seed {value!r} must be an integer from 0 to 2**32 - 1")
+    _refuse_repeats(values, where, "seed")
+    return list(values)
+
+
+def check_rates(values: Any, where: str) -> list[float]:
+    """A non-empty list of distinct positive finite learning rates; the error names ``where``."""
+    if not isinstance(values, list) or not values:
+        raise PlanError(f"{where}: expected a non-empty list of learning rates, got {values!r}")
+    for value in values:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value <= 0:
+            raise PlanError(f"{where}: learning rate {value!r} must be a positive number")
+    rates = [float(v) for v in values]
+    _refuse_repeats(rates, where, "learning rate")
+    return rates
+
+
+def _refuse_repeats(values: list, where: str, what: str) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise PlanError(f"{where}: {what}(s) {', '.join(map(str, repeated))} given more than once; each is one run")
+
+
+def seeds_from_text(text: str, flag: str) -> list[int]:
+    """``--seeds 0,1,2`` as a checked list; the error names ``flag``."""
+    return check_seeds([_number(item, int, flag, "an integer") for item in _items(text, flag)], flag)
+
+
+def rates_from_text(text: str, flag: str) -> list[float]:
+    """``--sid-lr-search 1e-2,1e-3`` as a checked list; the error names ``flag``."""
+    return check_rates([_number(item, float, flag, "a number") for item in _items(text, flag)], flag)
+
+
+def _items(text: str, flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not any(items) or not all(items):
+        raise PlanError(f"{flag} {text!r}: give a comma-separated list, e.g. {flag} "
+                        f"{'0,1,2' if flag.endswith('seeds') else '1e-2,1e-3'}")
+    return items
+
+
+def _number(item: str, kind: type, flag: str, what: str) -> Any:
+    try:
+        return kind(item)
+    except ValueError:
+        raise PlanError(f"{flag}: {item!r} is not {what}") from None
 
 
 def _corpus(path: Path, folder: Path, value: Any, given: str | os.PathLike | None, complete_data: bool) -> Path | None:
@@ -317,6 +397,23 @@ def profile_model(model: dict[str, Any], expdir: Path, env: dict[str, str], seco
     return profile
 
 
+def time_beside_base(prepared: dict[str, dict[str, Any]], expdir: Path, seconds: float, rounds: int,
+                     threads: int) -> None:
+    """Each profiled model's time ratio to the plan's base model, timed interleaved with it in this process
+    (:mod:`upstream_compressed.relative_timing`), merged into its profile.json. Models timed in an earlier
+    call are not timed again; a model added later is timed beside the base again, so every ratio is paired."""
+    from .relative_timing import time_models_against_base
+
+    base = next((name for name, m in prepared.items() if m.get("method") == "base"), None)
+    files = {name: expdir / "models" / name / "profile.json" for name in prepared}
+    todo = [n for n, f in files.items() if f.is_file() and "time_ratio_to_base" not in json.loads(f.read_text())]
+    if base is None or not files[base].is_file() or not todo:
+        return
+    models = [prepared[name] for name in dict.fromkeys([base, *todo])]  # the base first, once
+    for name, fields in time_models_against_base(models, base, seconds, rounds, threads=threads).items():
+        _write_json({**json.loads(files[name].read_text()), **fields}, files[name])
+
+
 # ----------------------------------------------------------------------------------- downstream
 def corpus_override(task: Task, data: dict[str, Path]) -> str:
     """S3PRL ``-o`` overrides that point a downstream config at the plan's data."""
@@ -325,16 +422,29 @@ def corpus_override(task: Task, data: dict[str, Path]) -> str:
     return voxceleb1_override(data["voxceleb1"], data["voxceleb1_split"])
 
 
+def task_folder(expdir: Path, task: Task, model_name: str) -> Path:
+    return expdir / "downstream" / f"{task.key}_{model_name}"
+
+
 def run_downstream(
     task: Task, model: dict[str, Any], plan: Plan, expdir: Path, device: str, env: dict[str, str], steps: int | None
 ) -> dict[str, Any]:
-    """Train the downstream, evaluate its dev-best checkpoint on test; downstream/<task>_<model>/result.json.
+    """The single run of a (task, model) without seeds or a search: S3PRL's expdir is downstream/<task>_<model>/."""
+    return train_and_test(task, model, plan, task_folder(expdir, task, model["model"]), device, env, steps,
+                          lr=model.get("downstream_lr"))
 
-    A run killed after S3PRL saved a ``states-<step>.ckpt`` continues from there (S3PRL's ``-a``
-    resume; its data order after the resume differs from an uninterrupted run's); one killed after
-    its training only runs the test.
+
+def train_and_test(
+    task: Task, model: dict[str, Any], plan: Plan, folder: Path, device: str, env: dict[str, str],
+    steps: int | None = None, lr: float | None = None, seed: int | None = None,
+) -> dict[str, Any]:
+    """Train the downstream in S3PRL expdir ``folder``, evaluate its dev-best checkpoint on test; folder/result.json.
+
+    ``lr`` replaces the config's learning rate and ``seed`` is S3PRL's ``--seed`` (None: the config's
+    rate, S3PRL's default seed). A run killed after S3PRL saved a ``states-<step>.ckpt`` continues from
+    there (S3PRL's ``-a`` resume; its data order after the resume differs from an uninterrupted run's);
+    one killed after its training only runs the test.
     """
-    folder = expdir / "downstream" / f"{task.key}_{model['model']}"
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -349,16 +459,16 @@ def run_downstream(
         runner_cfg.update(total_steps=steps, eval_step=min(runner_cfg["eval_step"], steps),
                           save_step=min(runner_cfg["save_step"], steps))
         override += "".join(f",,config.runner.{k}={runner_cfg[k]}" for k in ("total_steps", "eval_step", "save_step"))
-    if model.get("downstream_lr"):
-        config["optimizer"]["lr"] = model["downstream_lr"]
-        override += f",,config.optimizer.lr={model['downstream_lr']}"
+    if lr:
+        config["optimizer"]["lr"] = lr
+        override += f",,config.optimizer.lr={lr}"
     upstream = ["-u", model["upstream"]] + (["-k", model["ckpt"]] if model.get("ckpt") else [])
     # S3PRL writes voxceleb1's file-list cache non-atomically: one cache per run, so parallel runs never race.
     env = {**env, "UPSTREAM_COMPRESSED_VOXCELEB1_CACHE": str(folder / "voxceleb1_cache")}
     runner = [sys.executable, "-m", "upstream_compressed.run_downstream", "--device", device]
     started = time.time()
     train = [*runner, "-m", "train", *upstream, "-d", task.downstream, "-c", str(plan.configs[task.key]),
-             "-p", str(folder), "-o", override]
+             "-p", str(folder), "-o", override, *([] if seed is None else ["--seed", str(seed)])]
     if saved_step is None:
         _run(train, folder / "train.log", env)
     elif saved_step < config["runner"]["total_steps"] or not (folder / "dev-best.ckpt").is_file():
@@ -373,7 +483,7 @@ def run_downstream(
     if not found:
         raise RuntimeError(f"no 'test {task.metric}' in {folder / 'evaluate.log'}")
     dev = [float(v) for v in re.findall(rf"dev {task.metric}: ([0-9.eE+-]+)", (folder / "train.log").read_text(errors="replace"))]
-    better = min if task.metric == "per" else max
+    better = _better(task)
     result = {
         "task": task.name,
         "model": model["model"],
@@ -385,6 +495,7 @@ def run_downstream(
         "steps": config["runner"]["total_steps"],
         "train_seconds": round(trained, 1),
         "device": device,
+        **({} if seed is None else {"seed": seed}),
     }
     if saved_step is not None:  # train_seconds then counts only this call's part
         result["resumed_from_step"] = saved_step
@@ -394,10 +505,203 @@ def run_downstream(
     return result
 
 
+def _better(task: Task) -> Callable[..., Any]:
+    """``min`` for PER, ``max`` for accuracy: both return the first of equal values (ties go to the first)."""
+    return min if task.metric == "per" else max
+
+
 def _last_saved_step(folder: Path) -> int | None:
     """The step of the newest ``states-<step>.ckpt`` S3PRL saved in ``folder``, if any."""
     steps = [int(m.group(1)) for p in folder.glob("states-*.ckpt") if (m := re.fullmatch(r"states-(\d+)\.ckpt", p.name))]
     return max(steps, default=None)
+
+
+# ----------------------------------------------------------------------------------- seeds and search
+@dataclass(frozen=True)
+class Run:
+    """One S3PRL training + test: its expdir, learning rate (None: the config's) and seed (None: S3PRL's default)."""
+
+    folder: Path
+    lr: float | None
+    seed: int | None
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "result.json").is_file()
+
+
+def rate_text(rate: float) -> str:
+    """A learning rate as run folders and ``lr_search`` keys spell it: Python's shortest exact form (0.01, 1e-05)."""
+    return repr(float(rate))
+
+
+def run_name(lr: float, seed: int) -> str:
+    return f"lr{rate_text(lr)}-seed{seed}"
+
+
+@dataclass
+class TaskRuns:
+    """The runs of one (task, model), in the order SUPERB does them, and their combined result.
+
+    Without seeds or a search (``seeds`` None): one run, S3PRL's expdir the task folder itself (the
+    layout before seeds existed). Otherwise each run is its own expdir ``runs/lr<rate>-seed<seed>/``:
+    first every searched rate with the first seed (unsearched: every seed at the fixed rate), then the
+    chosen rate's other seeds; the task folder's result.json then combines the chosen rate's seeds.
+    """
+
+    task: Task
+    model: dict[str, Any]
+    folder: Path
+    seeds: list[int] | None
+    rates: list[float] | None  # searched; None: the fixed rate ``lr``
+    lr: float | None  # the fixed rate: the model's downstream_lr, else (with seeds) the config's
+    results: dict[Path, dict[str, Any]] = field(default_factory=dict)  # finished runs by folder
+    chosen: float | None = None  # the searched rate chosen, once the search is in
+    pending: int = 0  # runs dispatched and not finished
+    started: bool = False
+    failed: bool = False
+
+    def run(self, lr: float, seed: int) -> Run:
+        return Run(self.folder / "runs" / run_name(lr, seed), lr, seed)
+
+    def first_runs(self) -> list[Run]:
+        if self.seeds is None:
+            return [Run(self.folder, self.lr, None)]
+        if self.rates:
+            return [self.run(rate, self.seeds[0]) for rate in self.rates]
+        return [self.run(self.lr, seed) for seed in self.seeds]
+
+    def later_runs(self, lr: float) -> list[Run]:
+        """After a search: the chosen rate's other seeds."""
+        return [self.run(lr, seed) for seed in self.seeds[1:]] if self.rates and self.seeds else []
+
+    @property
+    def total(self) -> int:
+        """The runs this costs: n_rates + n_seeds - 1 with a search, n_seeds without, 1 for the single run."""
+        return len(self.first_runs()) + (len(self.seeds) - 1 if self.rates and self.seeds else 0)
+
+    def next_runs(self) -> list[Run]:
+        """The runs to start now: the first stage at once; once it is all in, the chosen rate's other seeds."""
+        if not self.started:
+            self.started = True
+            return self.first_runs()
+        if self.rates and self.chosen is None and self.pending == 0 and not self.failed:
+            self.chosen = self.choose()
+            return self.later_runs(self.chosen)
+        return []
+
+    @property
+    def complete(self) -> bool:
+        return self.started and self.pending == 0 and not self.failed and (not self.rates or self.chosen is not None)
+
+    def dev_scores(self) -> dict[float, float | None]:
+        """Each searched rate's best dev score (the checkpoint S3PRL keeps and tests), with the first seed."""
+        assert self.rates and self.seeds
+        return {rate: self.results[self.run(rate, self.seeds[0]).folder]["dev_best"] for rate in self.rates}
+
+    def choose(self) -> float:
+        """The searched rate with the best dev score (min PER, max accuracy); a tie goes to the rate listed first."""
+        scored = {rate: dev for rate, dev in self.dev_scores().items() if dev is not None}
+        if not scored:
+            raise RuntimeError(f"{self.folder}: no searched run printed a dev {self.task.metric}; no rate to choose")
+        return _better(self.task)(scored, key=scored.__getitem__)
+
+    def result(self) -> dict[str, Any]:
+        """The single run's result, or the combined one written to the task folder's result.json."""
+        if self.seeds is None:
+            return self.results[self.folder]
+        lr = self.chosen if self.rates else self.lr
+        assert lr is not None
+        chosen = [self.results[self.run(lr, seed).folder] for seed in self.seeds]
+        devs = [r["dev_best"] for r in chosen]
+        combined = {
+            "task": self.task.name,
+            "model": self.model["model"],
+            "metric": self.task.metric,
+            # The mean over seeds; for PER, every seed scored the same test utterances, so it is also the
+            # pooled errors / pooled reference length.
+            "test": sum(r["test"] for r in chosen) / len(chosen),
+            "dev_best": None if None in devs else sum(devs) / len(devs),
+            "dev_history": [r["dev_history"] for r in chosen],  # one list per seed
+            "lr": lr,
+            "steps": chosen[0]["steps"],
+            "train_seconds": round(sum(r["train_seconds"] for r in self.results.values()), 1),  # the search's too
+            "device": chosen[0]["device"],
+            "seeds": self.seeds,
+            "runs": [f"runs/{run_name(lr, seed)}" for seed in self.seeds],
+        }
+        if self.rates:
+            combined["lr_search"] = {rate_text(rate): dev for rate, dev in self.dev_scores().items()}
+        _write_json(combined, self.folder / "result.json")
+        return combined
+
+    def kept(self) -> dict[str, Any] | None:
+        """The task folder's result.json if it answers what is asked now, else None (it is then redone).
+
+        The single run's is kept as it always was; a combined one only if it records these seeds and
+        this search, and every run it came from still has its result.json.
+        """
+        file = self.folder / "result.json"
+        if not file.is_file():
+            return None
+        result = json.loads(file.read_text())
+        if self.seeds is None:
+            return result
+        lr = result.get("lr")
+        asked = (result.get("seeds") == self.seeds
+                 and ("lr_search" in result) == bool(self.rates)
+                 and list(result.get("lr_search") or {}) == [rate_text(rate) for rate in self.rates or []]
+                 and (lr in self.rates if self.rates else lr == self.lr)
+                 and result.get("runs") == [f"runs/{run_name(lr, seed)}" for seed in self.seeds])
+        if asked and all(run.done for run in self.first_runs() + self.later_runs(lr)):
+            return result
+        return None
+
+    def discard_stale(self) -> str | None:
+        """A task folder result.json that is not kept: a combined one goes before its runs are redone (so no
+        report reads it meanwhile), a single run's is replaced at the end; says so, or None if there is none."""
+        file = self.folder / "result.json"
+        if self.seeds is None or not file.is_file():
+            return None
+        old = json.loads(file.read_text())
+        if "runs" in old:
+            file.unlink()
+        return (f"{self.folder.name}: its result.json (seeds {old.get('seeds') or 'none'}, searched "
+                f"{list(old.get('lr_search') or []) or 'no rate'}) is not what is asked now (seeds {self.seeds}, "
+                f"searched {[rate_text(r) for r in self.rates or []] or 'no rate'}) or lost a run: redone from runs/")
+
+    def refuse_mixed_layout(self) -> None:
+        """The single run's expdir is the task folder, which it removes to restart: never over seeds' runs."""
+        if self.seeds is None and (self.folder / "runs").is_dir():
+            raise PlanError(f"{self.folder} holds runs of seeds or a learning-rate search (runs/): give the same "
+                            "--seeds / --sid-lr-search / --pr-lr-search (or plan fields) again, or remove the folder "
+                            "to run it once without them")
+
+
+def task_runs(task: Task, model: dict[str, Any], plan: Plan, expdir: Path) -> TaskRuns:
+    """The runs the plan asks of ``model`` on ``task``: a model with its own downstream_lr is not searched."""
+    fixed = model.get("downstream_lr")
+    rates = None if fixed else plan.lr_search.get(task.key)
+    seeds = plan.seeds or ([S3PRL_DEFAULT_SEED] if rates else None)
+    lr = fixed if seeds is None or rates else (fixed or _config_lr(plan, task))
+    return TaskRuns(task, model, task_folder(expdir, task, model["model"]), seeds, rates, lr)
+
+
+def _config_lr(plan: Plan, task: Task) -> float:
+    return float(yaml.safe_load(plan.configs[task.key].read_text())["optimizer"]["lr"])
+
+
+def _run_line(work: TaskRuns, run: Run, value: dict[str, Any]) -> str:
+    where = "" if work.seeds is None else f" {run.folder.name}"
+    dev = "" if work.seeds is None or value["dev_best"] is None else f"dev {value['dev_best']:.4f}, "
+    return (f"done {value['task']} {value['model']}{where}: test {value['metric']} {value['test']:.4f}"
+            f" ({dev}{value['train_seconds']:.0f} s)")
+
+
+def _combined_line(value: dict[str, Any]) -> str:
+    searched = f", chosen by dev {value['metric']}" if "lr_search" in value else ""
+    return (f"done {value['task']} {value['model']}: test {value['metric']} {value['test']:.4f}, mean of "
+            f"{len(value['seeds'])} seed(s) at lr {value['lr']:g}{searched}")
 
 
 def run_plan(
@@ -435,26 +739,80 @@ def run_plan(
     if models is not None and len(selected) != len(set(models)):
         known = ", ".join(m.name for m in plan.models)
         raise PlanError(f"--models names {sorted(set(models) - {m.name for m in selected})} not in the plan ({known})")
+    # What each (task, model) will cost, before any work: a model's downstream_lr comes from its spec here.
+    costs = {m.name: [task_runs(TASKS[t], {"model": m.name, "downstream_lr": m.downstream_lr}, plan, expdir)
+                      for t in tasks] for m in selected}
+    for work in (w for works in costs.values() for w in works):
+        work.refuse_mixed_layout()
     # In-process models (base, fbank, random weights) first; compressions run as subprocesses, and each
-    # model's downstream runs start as soon as it is ready (one pool of ``jobs`` workers for both).
+    # model's downstream runs start as soon as it is ready (one pool of ``jobs`` workers for both; each
+    # run of a search or of a seed is its own job).
     prepared = {m.name: prepare_model(m, plan, expdir, env) for m in selected if m.method in SPECIAL_METHODS}
     results: dict[str, Any] = {}
     failures: list[str] = []
-    bar = tqdm(total=len(selected) - len(prepared) + len(selected) * len(tasks), desc="runs", unit="run",
-               disable=not progress)
+    bar = tqdm(total=len(selected) - len(prepared) + sum(w.total for works in costs.values() for w in works),
+               desc="runs", unit="run", disable=not progress)
     with ThreadPoolExecutor(max_workers=runs.concurrent(jobs)) as pool:
-        pending: dict[Future, tuple[str, str]] = {}
+        pending: dict[Future, tuple[str, str] | tuple[TaskRuns, Run]] = {}
 
         def dispatch(name: str, done: Path, function: Any, *args: Any, **kwargs: Any) -> Future:
             chosen = here if done.is_file() else runs  # kept work is read here, never queued on a cluster
             return pool.submit(chosen.call, name, function, *args, **kwargs)
 
+        def failed(work: TaskRuns, label: str, error: Exception) -> None:
+            work.failed = True
+            failures.append(f"downstream {label}: {error}")
+            bar.write(f"FAILED downstream {label}: {str(error)[:800]}")
+
+        def advance(work: TaskRuns) -> None:
+            """Dispatch the runs ``work`` can start now; once all are in, its result."""
+            try:
+                started = work.next_runs()
+                for run in started:
+                    name = work.folder.name if work.seeds is None else f"{work.folder.name}_{run.folder.name}"
+                    future = dispatch(name, run.folder / "result.json", train_and_test, work.task, work.model, plan,
+                                      run.folder, device, steps=(steps or {}).get(work.task.key), lr=run.lr,
+                                      seed=run.seed)
+                    pending[future] = (work, run)
+                    work.pending += 1
+                if not started and work.complete:
+                    results[work.folder.name] = value = work.result()
+                    if work.seeds is not None:
+                        bar.write(_combined_line(value))
+            except Exception as error:  # choosing a rate or writing the result: this (task, model) only
+                failed(work, work.folder.name, error)
+
         def submit_downstream(model: dict[str, Any]) -> None:
             for t in tasks:
-                name = f"{TASKS[t].key}_{model['model']}"
-                future = dispatch(name, expdir / "downstream" / name / "result.json", run_downstream, TASKS[t], model,
-                                  plan, expdir, device, steps=(steps or {}).get(t))
-                pending[future] = ("downstream", f"{t}_{model['model']}")
+                work = task_runs(TASKS[t], model, plan, expdir)
+                try:
+                    kept_result = work.kept()
+                    if kept_result is None and (note := work.discard_stale()):
+                        bar.write(note)
+                except Exception as error:  # an unreadable result.json: this (task, model) only
+                    failed(work, work.folder.name, error)
+                    bar.update(work.total)
+                    continue
+                if kept_result is None:
+                    advance(work)
+                    continue
+                results[work.folder.name] = kept_result
+                bar.write(_combined_line(kept_result) if work.seeds is not None else
+                          _run_line(work, work.first_runs()[0], kept_result))
+                bar.update(work.total)
+
+        def finished_run(work: TaskRuns, run: Run, future: Future) -> None:
+            work.pending -= 1
+            try:
+                value = future.result()
+            except Exception as error:  # one broken run must not lose the others
+                failed(work, work.folder.name + ("" if work.seeds is None else f" {run.folder.name}"), error)
+            else:
+                work.results[run.folder] = value
+                bar.write(_run_line(work, run, value))
+                advance(work)
+            if work.failed and work.pending == 0 and work.rates and work.chosen is None and work.seeds:
+                bar.update(len(work.seeds) - 1)  # the chosen rate's other seeds will not run
 
         for model in prepared.values():
             submit_downstream(model)
@@ -467,24 +825,23 @@ def run_plan(
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                what, name = pending.pop(future)
+                entry = pending.pop(future)
+                if isinstance(entry[0], TaskRuns):
+                    finished_run(*entry, future)
+                    bar.update()
+                    continue
+                what, name = entry
                 try:
                     value = future.result()
-                except Exception as error:  # one broken run must not lose the others
+                except Exception as error:  # one broken compression must not lose the other models
                     failures.append(f"{what} {name}: {error}")
                     bar.write(f"FAILED {what} {name}: {str(error)[:800]}")
-                    if what == "compress":
-                        bar.update(len(tasks))  # its downstream runs will not happen
+                    bar.update(sum(w.total for w in costs[name]))  # its downstream runs will not happen
                 else:
-                    if what == "compress":
-                        prepared[name] = value
-                        submit_downstream(value)
-                        if name not in kept:  # a delta made in an earlier call is not news
-                            bar.write(f"done compress {name}")
-                    else:
-                        results[name] = value
-                        bar.write(f"done {value['task']} {value['model']}: test {value['metric']} {value['test']:.4f}"
-                                  f" ({value['train_seconds']:.0f} s)")
+                    prepared[name] = value
+                    submit_downstream(value)
+                    if name not in kept:  # a delta made in an earlier call is not news
+                        bar.write(f"done compress {name}")
                 bar.update()
     bar.close()
     if profile_seconds:  # one at a time, after the training, so that the timings are not disturbed
@@ -494,6 +851,10 @@ def run_plan(
                               profile_repeats)
             except Exception as error:
                 failures.append(f"profile {name}: {error}")
+        try:
+            time_beside_base(prepared, expdir, profile_seconds, max(profile_repeats, 5), threads)
+        except Exception as error:
+            failures.append(f"time beside the base: {error}")
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed (the others are done and kept):\n" + "\n".join(failures))
     return list(results.values())

@@ -14,17 +14,22 @@ Input: an experiment folder EXPDIR, as the pipeline (``run_downstream.sh``) fill
     EXPDIR/downstream/<task>_<model>/result.json   (task in lower case: pr_base, sid_base)
         {"task": "PR" | "SID", "model": str, "metric": "per" | "acc",
          "test": float,           # a fraction (0.0541), not a percentage
-         "dev_best": float | null, "lr": float, "steps": int, "train_seconds": float}
+         "dev_best": float | null, "lr": float, "steps": int, "train_seconds": float,
+         # with seeds or a learning-rate search (``experiment --seeds``, ``--sid-lr-search``):
+         "seeds": [int], "runs": ["runs/lr<rate>-seed<seed>", ...],  # the chosen rate's runs, one per seed
+         "lr_search": {"<rate>": dev score}}                       # searched rates; lr is the chosen one
+    EXPDIR/downstream/<task>_<model>/runs/<run>/result.json   each run's own (test, lr, seed, ...)
 
 Every model folder with a model.json gives one row; a missing profile.json or result.json only
 leaves its cells empty ('-'), so the report can be made while the pipeline is still running.
 
-Beside each result.json, S3PRL's evaluation left its per-utterance output (PR: ``test-hyp.ark`` and
-``test-ref.ark``; SID: ``test_predict.txt`` and ``test_truth.txt``). From them each task entry of a row
+Beside each result.json (with seeds: in each run folder it lists), S3PRL's evaluation left its
+per-utterance output (PR: ``test-hyp.ark`` and ``test-ref.ark``; SID: ``test_predict.txt`` and
+``test_truth.txt``). From them each task entry of a row
 (``rows[i]["PR"]``, ``rows[i]["SID"]``) gets, as fractions like ``test`` (see
 :mod:`upstream_compressed.statistics` for the bootstrap):
 
-- ``test_runs``: one score per run (seed); today one run per model and task, so a one-element list;
+- ``test_runs``: one score per run (seed): the runs result.json lists (``runs``), else the folder itself;
 - ``test_mean``: their mean; ``test_ci95``: ``[low, high]``, the 95% two-level bootstrap interval
   (seeds, then utterances);
 - ``vs_base``: ``{"diff", "ci95", "p"}``, this model minus the base model (the row with method
@@ -120,6 +125,18 @@ def _read_model(folder: Path) -> dict[str, Any]:
             "ckpt": info.get("ckpt"), "recipe": info.get("recipe")}
 
 
+def _read_profile(path: Path) -> dict[str, Any]:
+    profile = _read_json(path, _PROFILE_KEYS)
+    if profile.get("time_ratio_to_base") is not None:  # optional: written when timed beside the base
+        _read_json(path, {"time_ratio_to_base": (int, float)})
+        quartiles = profile.get("time_ratio_iqr")
+        if (not isinstance(quartiles, list) or len(quartiles) != 2
+                or not all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quartiles)):
+            raise ReportError(f"{path}: time_ratio_iqr is {quartiles!r}; with time_ratio_to_base it must be "
+                              "[q25, q75], two numbers (see upstream_compressed/relative_timing.py)")
+    return profile
+
+
 def _read_result(folder: Path) -> dict[str, Any]:
     path = folder / "result.json"
     result = _read_json(path, _RESULT_KEYS)
@@ -135,24 +152,50 @@ def _read_result(folder: Path) -> dict[str, Any]:
     return result
 
 
-def _run_folders(folder: Path) -> list[Path]:
-    """The S3PRL expdirs of one model and task, one per run (seed). Today one: the result's own folder."""
-    return [folder]
+def _run_folders(folder: Path, result: dict[str, Any]) -> list[Path]:
+    """The S3PRL expdirs of one model and task, one per run (seed): those result.json lists in ``runs``
+    (seeds or a learning-rate search), else the result's own folder."""
+    runs = result.get("runs")
+    if runs is None:
+        return [folder]
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, str) and r for r in runs):
+        raise ReportError(f"{folder / 'result.json'}: runs {runs!r} must be a non-empty list of run folders")
+    missing = [r for r in runs if not (folder / r).is_dir()]
+    if missing:
+        raise ReportError(f"{folder / 'result.json'}: its run folder(s) {', '.join(missing)} are missing; run "
+                          "`upstream-compressed experiment` again with the same seeds and search to redo them")
+    return [folder / r for r in runs]
 
 
 # result.json's test is S3PRL's printed value: PER exactly the per-utterance aggregate, accuracy a float32 mean
 _AGREE = 1e-6
 
 
+def _run_test(folder: Path, run_folder: Path, result: dict[str, Any]) -> float:
+    """The test score a run's own result.json holds (the folder's, for a single run)."""
+    if run_folder == folder:
+        return result["test"]
+    if not (run_folder / "result.json").is_file():
+        raise statistics.StatisticsError(f"{run_folder}: no result.json (is the run being redone?)")
+    return _read_json(run_folder / "result.json", {"test": (int, float)})["test"]
+
+
 def _task_runs(folder: Path, result: dict[str, Any]) -> statistics.Runs:
-    """The per-utterance scores of a result's runs, checked against the test score result.json holds."""
+    """The per-utterance scores of a result's runs, each checked against the test score its result.json holds."""
     task = result["task"]
-    runs = [statistics.read_run(f, task) for f in _run_folders(folder)]
-    if len(runs) == 1 and abs(runs[0].score - result["test"]) > _AGREE:
-        output, reference = statistics.FILES[task]
-        raise statistics.StatisticsError(
-            f"{folder}: {output} and {reference} give test {result['metric']} {runs[0].score!r}, but result.json "
-            f"holds {result['test']!r}: they come from different evaluations; evaluate it again")
+    runs, tests = [], []
+    for run_folder in _run_folders(folder, result):
+        run, test = statistics.read_run(run_folder, task), _run_test(folder, run_folder, result)
+        if abs(run.score - test) > _AGREE:
+            output, reference = statistics.FILES[task]
+            raise statistics.StatisticsError(
+                f"{run_folder}: {output} and {reference} give test {result['metric']} {run.score!r}, but result.json "
+                f"holds {test!r}: they come from different evaluations; evaluate it again")
+        runs.append(run)
+        tests.append(test)
+    if abs(sum(tests) / len(tests) - result["test"]) > _AGREE:
+        raise statistics.StatisticsError(f"{folder / 'result.json'}: test {result['test']!r} is not the mean of its "
+                                         f"runs' {tests!r}; run `upstream-compressed experiment` again to rewrite it")
     return statistics.Runs.of(runs)
 
 
@@ -203,7 +246,7 @@ def load_report(expdir: str | Path, resamples: int = statistics.RESAMPLES, seed:
             continue
         row = _read_model(folder)
         profile = folder / "profile.json"
-        row["profile"] = _read_json(profile, _PROFILE_KEYS) if profile.is_file() else None
+        row["profile"] = _read_profile(profile) if profile.is_file() else None
         row["PR"] = row["SID"] = None
         rows[row["model"]] = row
     if not rows:
@@ -270,14 +313,17 @@ def table(report: Report, intervals: bool = True) -> tuple[list[str], list[list[
     per = f" / {report.seconds_audio:g} s" if report.seconds_audio is not None else ""
     devices = sorted(_devices(report))
     mixed = len(devices) > 1  # then each RTF cell names its device
+    timed = _timed_beside_base(report)
     header = ["method", "rate", "model", "params (M)", f"MACs (G{per})", f"eff. MACs (G{per})",
-              f"RTF ({devices[0]})" if len(devices) == 1 else "RTF", "PER %", "SID acc %", "SID lr"]
+              f"RTF ({devices[0]})" if len(devices) == 1 else "RTF", *(["time / base"] if timed else []),
+              "PER %", "SID acc %", "SID lr"]
     cells = []
     for row in report.rows:
         profile, pr, sid = row["profile"], row["PR"], row["SID"]
         rtf = None
         if profile:
             rtf = _scaled(profile["rtf"], 1) + (f" ({profile['device']})" if mixed else "")
+        ratio = _time_ratio_cell(profile, intervals) if timed else []
         cells.append([
             row["method"],
             f"{row['rate']:g}" if row["rate"] is not None else None,
@@ -286,6 +332,7 @@ def table(report: Report, intervals: bool = True) -> tuple[list[str], list[list[
             _scaled(profile["macs"], 1e9) if profile else None,
             _scaled(profile["macs_effective"], 1e9) if profile else None,
             rtf,
+            *ratio,
             _score_cell(pr, intervals),
             _score_cell(sid, intervals),
             f"{sid['lr']:g}" if sid else None,
@@ -293,7 +340,27 @@ def table(report: Report, intervals: bool = True) -> tuple[list[str], list[list[
         ])
     if not intervals:
         header += ["PER 95% low", "PER 95% high", "SID acc 95% low", "SID acc 95% high"]
+        if timed:
+            header += ["time / base q25", "time / base q75"]
+            for row, cell in zip(report.rows, cells):
+                quartiles = (row["profile"] or {}).get("time_ratio_iqr")
+                cell += [f"{q:.3f}" for q in quartiles] if quartiles else [None, None]
     return header, cells
+
+
+def _timed_beside_base(report: Report) -> bool:
+    return any(row["profile"] and row["profile"].get("time_ratio_to_base") is not None for row in report.rows)
+
+
+def _time_ratio_cell(profile: dict[str, Any] | None, intervals: bool) -> list[str | None]:
+    """The median per-round time ratio to the base, with its 25th-75th percentile in the markdown table."""
+    if not profile or profile.get("time_ratio_to_base") is None:
+        return [None]
+    ratio = f"{profile['time_ratio_to_base']:.3f}"
+    if not intervals:
+        return [ratio]
+    q25, q75 = profile["time_ratio_iqr"]
+    return [f"{ratio} ({q25:.3f}-{q75:.3f})"]
 
 
 def markdown_table(report: Report) -> str:
@@ -316,11 +383,25 @@ def markdown_report(report: Report) -> str:
     per = f"{report.seconds_audio:g} s" if report.seconds_audio is not None else "the profiled length"
     notes = (f"MACs and eff. MACs are per {per} of audio, in G (10^9); eff. MACs count only multiplications by "
              "non-zero weights (equal to MACs for models without weight sparsity) and are what the plots use. "
-             "RTF = median wall-clock seconds / seconds of audio. PER (phone recognition) and SID accuracy "
+             "RTF = median wall-clock seconds / seconds of audio, each model profiled on its own; time / base (where "
+             "measured) = the median over rounds timed interleaved with the base in one process of (model time / "
+             "base time in that round), with the 25th-75th percentile of those ratios: compare models by it. PER (phone recognition) and SID accuracy "
              "(speaker identification) are test-set percentages; SID lr is the downstream learning rate, "
              "which SID accuracy depends on strongly. '-' = not measured yet.")
     plots = "\n".join(f"![{name.replace('_', ' ')}]({name}.png)" for name in PLOTS)
-    return f"# Compression trade-offs\n\n{markdown_table(report)}\n{notes}\n\n{statistics_section(report)}{plots}\n"
+    return (f"# Compression trade-offs\n\n{markdown_table(report)}\n{notes}{_lr_search_note(report)}\n\n"
+            f"{statistics_section(report)}{plots}\n")
+
+
+def _lr_search_note(report: Report) -> str:
+    """Which rows' learning rates were searched (SUPERB's protocol); '' if none."""
+    searched = {f"{row['model']} {task}" for row in report.rows for task in TASKS
+                if row[task] and row[task].get("lr_search")}
+    if not searched:
+        return ""
+    return (f" Learning rates searched ({', '.join(sorted(searched))}): each rate trained with the first seed, "
+            "the one with the best dev score chosen and tested with every seed, as SUPERB does; the chosen rate "
+            "is the entry's lr (the SID lr column) and report.json's lr_search holds each rate's dev score.")
 
 
 def _percent(value: float) -> str:
