@@ -328,6 +328,10 @@ def run_mutmut(python: Path, copy: Path, mutants: list[str], time_limit: float |
            # copy too: the tool venv sees the project's site-packages but not its editable install
            "PYTHONPATH": os.pathsep.join(filter(None, [str((copy / "mutants").resolve()),
                                                        os.environ.get("PYTHONPATH")]))}
+    # Python caches a sys.path folder that is missing at start-up as having no modules, so mutants/ must
+    # exist before mutmut starts: else a fresh run's pytest cannot import the ordering plugin mutmut copies
+    # there later ("No module named 'mutation_test_order'").
+    (copy / "mutants").mkdir(exist_ok=True)
     log = copy / "mutmut.log"
     with open(log, "a") as out:
         process = subprocess.Popen(["nice", "-n", "19", str(python), "-m", "mutmut", "run",
