@@ -13,7 +13,10 @@ It never touches the working tree: each module runs in a fresh copy under ``--wo
 tree without .git and .venv, or of a commit with ``--rev``), with mutmut in its own virtual
 environment whose site-packages extends the project's (torch and s3prl are not installed twice).
 mutmut runs niced (19) with one worker (``--workers N`` for more: at nice 19 they take only idle
-cores; mutmut's timeouts count CPU time, so a busy machine does not turn mutants into timeouts). Usage::
+cores). mutmut 3.8.1 stops a mutant's tests after a CPU-time limit *and* a wall-clock one (half the CPU
+limit), both (estimated test time + 1 s) x ``timeout_multiplier``; at nice 19 on a busy machine the wall
+clock runs out first and sound mutants count as timeouts, so the multiplier here is 60 (mutmut's default
+15; ``--timeout-multiplier``): a mutant that really loops forever then takes longer to stop. Usage::
 
     .venv/bin/python scripts/mutation.py                       # all five modules, full runs
     .venv/bin/python scripts/mutation.py model/sparse.py       # one module
@@ -279,7 +282,10 @@ def take_old_test(copy: Path, test: str, tests_rev: str, rev: str | None) -> str
     return f"as of {tests_rev} (the {added} lines added since are left out)"
 
 
-def write_config(copy: Path, module: str, tests: list[str]) -> None:
+TIMEOUT_MULTIPLIER = 60.0
+
+
+def write_config(copy: Path, module: str, tests: list[str], timeout_multiplier: float = TIMEOUT_MULTIPLIER) -> None:
     """mutmut's [mutmut] section for one module; everything else of the repository is copied beside it."""
     (copy / "mutation_test_order.py").write_text(ORDER_PLUGIN)
     also_copy = sorted(p.name for p in copy.iterdir() if p.name not in (PACKAGE, "tests", "setup.cfg"))
@@ -292,6 +298,7 @@ def write_config(copy: Path, module: str, tests: list[str]) -> None:
         "pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -p", "    mutation_test_order", "    -q",
         "process_isolation = forkserver",
         "use_git_change_detection = false",
+        f"timeout_multiplier = {timeout_multiplier}",
         # Without it mutmut 3.8.1's stats collection exited 1 on delta.py's suite, twice, with every test passing;
         # debug only makes it print pytest's own output.
         "debug = true",
@@ -360,7 +367,8 @@ def run_module(python: Path, work: Path, module: str, show: bool, added_tests: l
                again: bool, time_limit: float | None, report_only: bool = False,
                tests_rev: str | None = None, workers: int = 1, tree_tests: bool = False,
                resume: bool = False, only: list[str] | None = None,
-               test_files: list[str] | None = None) -> dict[str, int]:
+               test_files: list[str] | None = None,
+               timeout_multiplier: float = TIMEOUT_MULTIPLIER) -> dict[str, int]:
     suffix = f"+tests@{tests_rev}" if tests_rev else "+tree-tests" if tree_tests else ""
     if test_files:  # a subset of the module's test files (say, to leave out slow ones): its own copy
         suffix += "+" + "+".join(Path(t).stem for t in test_files)
@@ -410,7 +418,7 @@ def run_module(python: Path, work: Path, module: str, show: bool, added_tests: l
         tests = [t for t in selected if (copy / t).exists()]
         if not tests:  # mutmut would fall back to the whole suite
             sys.exit(f"none of {selected} exists in {copy}")
-        write_config(copy, module, tests)
+        write_config(copy, module, tests, timeout_multiplier)
         print(f"== {module}: mutmut over {' '.join(tests)} (in {copy})", flush=True)
         run_mutmut(python, copy, [], time_limit, workers)
     exit_codes = exit_codes_of(copy, module)
@@ -467,6 +475,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only count the last run's results again")
     parser.add_argument("--time-limit", type=float, help="stop each module's mutmut run after this many seconds")
     parser.add_argument("--workers", type=int, default=1, help="mutmut's worker processes (default 1)")
+    parser.add_argument("--timeout-multiplier", type=float, default=TIMEOUT_MULTIPLIER,
+                        help=f"mutmut's timeout_multiplier for a fresh run (default {TIMEOUT_MULTIPLIER:g}; see above)")
     parser.add_argument("--show-survivors", action="store_true", help="print explained survivors' diffs too")
     args = parser.parse_args()
     if args.tests_rev and args.tests_from_tree:
@@ -478,7 +488,8 @@ def main() -> None:
     python = tool_python(args.tool_venv)
     results = {module: run_module(python, args.work, module, args.show_survivors, args.added_tests, args.rev,
                                   args.again, args.time_limit, args.report, args.tests_rev, args.workers,
-                                  args.tests_from_tree, args.resume, args.only, args.tests)
+                                  args.tests_from_tree, args.resume, args.only, args.tests,
+                                  args.timeout_multiplier)
                for module in args.modules}
     print(json.dumps({"mutmut": MUTMUT_VERSION, "rev": args.rev or "working tree", "modules": results}, sort_keys=True))
     sys.exit(1 if any(r["unexplained"] or r["not_checked"] for r in results.values()) else 0)
