@@ -138,7 +138,8 @@ downstream_lr is not searched. Without --seeds a search uses S3PRL's default see
 def _experiment(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .experiments import PlanError, load_plan, rates_from_text, run_plan, seeds_from_text
+    from .downstream_runs import rates_from_text, seeds_from_text
+    from .experiments import PlanError, load_plan, run_plan
     from .launch import SlurmOptions
 
     tasks = [] if args.no_downstream else [t for t in args.tasks.split(",") if t]
