@@ -307,7 +307,7 @@ def test_a_spoiled_plan_is_refused_naming_the_field(plan_folder, data):
 
 # --------------------------------------------------------------------------- -g options files
 OPTION_FIELDS = {"base": "path", "mean_std": "path", "sparse_execution": "execution", "trust_checkpoint": "bool",
-                 "precision": "precision"}
+                 "precision": "precision", "compile": "bool"}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,27 @@ float32, so S3PRL's featurizer and downstreams run unchanged. Per device:
 
 Weight-pruned Linears that run through the CSR kernel stay in float32 inside autocast (torch's sparse
 CSR matmul has no bf16/fp16 kernel on CPU): see :mod:`upstream_compressed.model.sparse`.
+
+Compile: with ``compile_model=True`` (the ``-g`` option ``compile: true``, else ``UPSTREAM_COMPRESSED_COMPILE``)
+the model's forward runs through ``torch.compile(model, dynamic=True)``, built lazily on the first forward,
+one per upstream instance; the padding and the input checks stay outside it. ``dynamic=True`` makes the
+batch and time sizes symbolic from the first compile, so a new length or batch size reuses the graph
+(torch's default compiles the first shape static and recompiles, dynamic, at the second). A graph holds
+for the sizes its guards admit, and a few size classes add one graph each, once, when first met:
+
+- a batch of one utterance: dynamo specialises sizes 0 and 1;
+- on CPU, ATen's choice of convolution kernel (oneDNN or its own) at size thresholds it guards on: for a
+  batch of one, a length above or below 20480 samples (1.28 s) in HuBERT's first convolution (more
+  thresholds for narrow front ends, e.g. 32 channels); a batch of 16 or more for the grouped positional
+  convolution (seen on a test model);
+- HuBERT's frame mask folds the samples into frames and branches on whether the padded length is an exact
+  multiple of the frame count.
+
+So the count is bounded by the classes met, not the number of batches (``tests/test_compile_option.py``,
+``benchmarks/compile.py``: 12 batches of new shapes, 3 graphs); grad mode, autocast dtype, train/eval and the
+thread count are guarded too. :data:`COMPILE_RECOMPILE_LIMIT` leaves room for several models' classes.
+Weight-pruned Linears on the CSR kernel break the graph (torch.compile has no sparse tensors; their kernel
+cache compares data pointers): dynamo then compiles the pieces between them, and the results are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +45,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,20 +57,47 @@ from .model.config import FBANK
 SAMPLE_RATE = 16000
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_ENV = "UPSTREAM_COMPRESSED_PRECISION"
+COMPILE_ENV = "UPSTREAM_COMPRESSED_COMPILE"
+# The environment variable's spellings of true and false (the yaml's must be a YAML boolean).
+ENV_TRUE, ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# torch.compile's backend; tests swap in a cheaper one ("aot_eager") where only the graph count matters.
+COMPILE_BACKEND = "inductor"
+# Dynamo keeps its graphs per code object, so every SpeechTransformer compiled in a process shares the entries
+# of SpeechTransformer.forward; torch's default limit (8) is less than one model's shape classes on CPU can
+# take (the module docstring), after which it would run new shapes eagerly.
+COMPILE_RECOMPILE_LIMIT = 32
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags of CPUs that multiply the dtype in hardware (oneDNN uses them); without, it is emulated.
 NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 _warned_emulated: set[str] = set()  # precisions already warned about in this process
 
 
+def option_or_env(value: object | None, where: str, env: str) -> tuple[object | None, str]:
+    """(the option's value, where it came from): ``value`` if given, else the environment variable's
+    (None when unset or empty), named for error messages; the rule every upstream option follows."""
+    if value is not None:
+        return value, where
+    return os.environ.get(env) or None, env
+
+
 def resolve_precision(value: object | None, where: str = "precision") -> str:
     """``value`` if given, else the environment variable, else ``fp32``; refuses unknown values."""
-    source = where
-    if value is None:
-        value, source = os.environ.get(PRECISION_ENV) or "fp32", PRECISION_ENV
+    value, source = option_or_env(value, where, PRECISION_ENV)
+    value = "fp32" if value is None else value
     if value not in PRECISIONS:
         raise ValueError(f"{source}: {value!r} is not one of {'|'.join(PRECISIONS)}")
     return str(value)
+
+
+def resolve_compile(value: object | None, where: str = "compile") -> bool:
+    """``value`` if given (a boolean), else the environment variable (1/0, true/false, ...), else False."""
+    value, source = option_or_env(value, where, COMPILE_ENV)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if source == COMPILE_ENV and str(value).strip().lower() in ENV_TRUE + ENV_FALSE:
+        return str(value).strip().lower() in ENV_TRUE
+    allowed = "true or false" if source != COMPILE_ENV else "1 or 0 (true/false, yes/no, on/off)"
+    raise ValueError(f"{source}: {value!r} is not {allowed}")
 
 
 def cpu_flags() -> set[str] | None:
@@ -127,12 +175,18 @@ def validate_wavs(wavs: Sequence[Tensor], min_samples: int) -> None:
 class UpstreamExpert(nn.Module):
     """What ``run_downstream.py -u NAME`` gets: ``forward(wavs) -> {"hidden_states": [...]}``."""
 
-    def __init__(self, model: SpeechTransformer, manifest: dict | None = None, precision: str | None = None) -> None:
+    def __init__(self, model: SpeechTransformer, manifest: dict | None = None, precision: str | None = None,
+                 compile_model: bool | None = None) -> None:
         super().__init__()
         self.model = model
         self.manifest = manifest or {}
         # fp32, bf16 or fp16 (see the module docstring); None: the environment variable, else fp32.
         self.precision = resolve_precision(precision)
+        # Run the model through torch.compile (module docstring); None: the environment variable, else False.
+        self.compile_model = resolve_compile(compile_model)
+        # (the model it compiles, its compiled forward): in a tuple, so that nn.Module does not register the
+        # compiled wrapper as a submodule (its parameters would appear twice in state_dict).
+        self._compiled: tuple[nn.Module, Callable[..., tuple[list[Tensor], Tensor]]] | None = None
         frontend = getattr(getattr(model, "config", None), "frontend", None)
         if self.precision == "fp16" and frontend == FBANK:
             raise ValueError("precision: fp16: this model's fbank front end (MelHuBERT: Kaldi fbank of the waveform "
@@ -141,6 +195,24 @@ class UpstreamExpert(nn.Module):
     def get_downsample_rates(self, key: str) -> int:
         return self.model.config.downsample_rate
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the forward has run through torch.compile (built on the first forward with the option on)."""
+        return self._compiled is not None and self._compiled[0] is self.model
+
+    def _model_forward(self) -> Callable[..., tuple[list[Tensor], Tensor]]:
+        """The model, or its compiled forward: built once, rebuilt only if ``self.model`` was replaced."""
+        if not self.compile_model:
+            return self.model
+        if not self.compiled:
+            self._compiled = (self.model, torch.compile(self.model, dynamic=True, backend=COMPILE_BACKEND,
+                                                        recompile_limit=COMPILE_RECOMPILE_LIMIT))
+        return self._compiled[1]
+
+    def __getstate__(self) -> dict:
+        # A copy or pickle compiles its own on its first forward; dynamo's wrapper does not travel.
+        return {**super().__getstate__(), "_compiled": None}
+
     def forward(self, wavs: Sequence[Tensor]) -> dict[str, object]:
         validate_wavs(wavs, self.model.config.receptive_field)
         # Any float precision is fine (float64 from numpy, half from a loader): compute in the model's.
@@ -148,12 +220,13 @@ class UpstreamExpert(nn.Module):
         device = wavs[0].device
         lengths = torch.tensor([len(wav) for wav in wavs], device=device)
         batch = pad_sequence([wav.to(dtype) for wav in wavs], batch_first=True)
+        model = self._model_forward()
         if self.precision == "fp32":  # no autocast at all: exactly the model as it is
-            states, padding_mask = self.model(batch, lengths)
+            states, padding_mask = model(batch, lengths)
         else:
             check_precision(self.precision, device)
             with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[self.precision]):
-                states, padding_mask = self.model(batch, lengths)
+                states, padding_mask = model(batch, lengths)
             states = [state.float() for state in states]  # what S3PRL's featurizer and downstreams expect
         return {
             "hidden_states": states,

@@ -14,6 +14,10 @@ The forward runs in the ``-g`` yaml's ``precision`` (``fp32``, ``bf16`` or ``fp1
 ``UPSTREAM_COMPRESSED_PRECISION`` environment variable, else ``fp32`` (no autocast); bf16/fp16 run under
 ``torch.autocast`` and return float32 hidden states (:mod:`upstream_compressed.expert` says per device).
 
+``compile: true`` in the ``-g`` yaml (else ``UPSTREAM_COMPRESSED_COMPILE=1``; default false) runs the
+model's forward through ``torch.compile(dynamic=True)``, compiled on the first forward; new lengths and
+batch sizes reuse the graph (:mod:`upstream_compressed.expert` says which few shapes add one).
+
 A MelHuBERT base also needs its fbank statistics file: the ``-g`` yaml's ``mean_std: PATH``, else
 ``UPSTREAM_COMPRESSED_MEAN_STD``, else the recorded path, else a file of the recorded name beside
 the base or the delta. ``melhubert_local`` runs a MelHuBERT checkpoint itself (``-k``), uncompressed.
@@ -29,11 +33,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from .bases import KNOWN_BASES, download_known_base
 from .delta import Delta, DeltaError, build_compressed, read_delta
-from .expert import UpstreamExpert, resolve_precision
+from .expert import UpstreamExpert, resolve_compile, resolve_precision
 from .files import read_yaml
 from .model.sparse import resolve_execution
 from .model.trust import TRUST_OPTION, trusting
@@ -41,7 +45,7 @@ from .model.trust import TRUST_OPTION, trusting
 BASE_ENV = "UPSTREAM_COMPRESSED_BASE"
 MEAN_STD_ENV = "UPSTREAM_COMPRESSED_MEAN_STD"
 FAMILIES = ("hubert", "distilhubert", "melhubert", "dphubert", "wavlm", "wav2vec2")
-OPTION_NAMES = ("base", "mean_std", "sparse_execution", "precision", TRUST_OPTION)  # what a -g yaml may set
+OPTION_NAMES = ("base", "mean_std", "sparse_execution", "precision", "compile", TRUST_OPTION)  # what a -g yaml may set
 # Techniques with a named entry per family (any other delta loads through ``compressed_local``).
 TECHNIQUES = (
     "identity",
@@ -94,18 +98,31 @@ def trust_option(model_config: str | None) -> bool:
     return value
 
 
-def precision_option(model_config: str | None) -> str:
-    """The ``-g`` yaml's ``precision``, else the environment variable's, else fp32; unknown values refused."""
+T = TypeVar("T")
+
+
+def _resolved(model_config: str | None, name: str, resolve: Callable[..., T]) -> T:
+    """The ``-g`` yaml's option ``name`` through ``resolve`` (which falls back on its environment variable),
+    a bad value refused naming the file and the field."""
     try:
-        return resolve_precision(_options(model_config).get("precision"),
-                                 where=f"upstream options file (-g) {model_config}: precision")
+        return resolve(_options(model_config).get(name), where=f"upstream options file (-g) {model_config}: {name}")
     except ValueError as error:
         raise DeltaError(str(error)) from error
 
 
-def _expert(model, manifest: dict | None, precision: str) -> UpstreamExpert:
+def precision_option(model_config: str | None) -> str:
+    """The ``-g`` yaml's ``precision``, else the environment variable's, else fp32; unknown values refused."""
+    return _resolved(model_config, "precision", resolve_precision)
+
+
+def compile_option(model_config: str | None) -> bool:
+    """The ``-g`` yaml's ``compile`` (true/false), else ``UPSTREAM_COMPRESSED_COMPILE``, else false."""
+    return _resolved(model_config, "compile", resolve_compile)
+
+
+def _expert(model, manifest: dict | None, precision: str, compile_model: bool = False) -> UpstreamExpert:
     try:
-        return UpstreamExpert(model.eval(), manifest, precision=precision)
+        return UpstreamExpert(model.eval(), manifest, precision=precision, compile_model=compile_model)
     except ValueError as error:  # a precision this model cannot run in (fp16 on an fbank front end)
         raise DeltaError(str(error)) from error
 
@@ -143,6 +160,7 @@ def load_upstream(
     if not ckpt:
         raise DeltaError("no delta given: pass the .safetensors file written by `upstream-compressed compress` as -k")
     precision = precision_option(model_config)  # before any work: a bad value costs nothing
+    compile_model = compile_option(model_config)
     delta_path = Path(ckpt)
     delta = read_delta(delta_path)
     if family is not None and delta.base_family != family:
@@ -167,7 +185,7 @@ def load_upstream(
     with trusting(trusted):
         model = build_compressed(delta, base_path, mean_std, search=[delta_path.parent])
     model.set_sparse_execution(execution)
-    return _expert(model, delta.manifest, precision)
+    return _expert(model, delta.manifest, precision, compile_model)
 
 
 def compressed_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
@@ -182,7 +200,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
 
     if not ckpt:
         raise DeltaError("no checkpoint given: pass a MelHuBERT checkpoint (.ckpt) as -k")
-    precision = precision_option(model_config)
+    precision, compile_model = precision_option(model_config), compile_option(model_config)
     mean_std = _options(model_config).get("mean_std") or os.environ.get(MEAN_STD_ENV)
     try:
         base = load_base(ckpt, mean_std=mean_std, trust=trust_option(model_config))
@@ -191,7 +209,7 @@ def melhubert_local(ckpt: str, model_config: str | None = None, refresh: bool = 
     if base.source_format != "melhubert":
         raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not MelHuBERT; use hubert_local / distiller_local")
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    return _expert(model, None, precision)
+    return _expert(model, None, precision, compile_model)
 
 
 def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = False, **kwargs) -> UpstreamExpert:
@@ -201,7 +219,7 @@ def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = F
 
     if not ckpt:
         raise DeltaError("no checkpoint given: pass a DPHuBERT / torchaudio wav2vec2 checkpoint ({state_dict, config}) as -k")
-    precision = precision_option(model_config)
+    precision, compile_model = precision_option(model_config), compile_option(model_config)
     try:
         base = load_base(ckpt, trust=trust_option(model_config))
     except CheckpointError as error:
@@ -210,7 +228,7 @@ def dphubert_local(ckpt: str, model_config: str | None = None, refresh: bool = F
         raise DeltaError(f"{ckpt} is a {base.source_format} checkpoint, not in torchaudio's wav2vec2 layout; "
                          "use hubert_local / distiller_local / melhubert_local")
     model = SpeechTransformer.from_state_dict(base.config, base.state_dict)
-    return _expert(model, None, precision)
+    return _expert(model, None, precision, compile_model)
 
 
 def _named_entry(family: str, technique: str) -> Callable[..., UpstreamExpert]:

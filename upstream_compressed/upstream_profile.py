@@ -24,6 +24,10 @@ weights' dtype (``fp32`` normally), as for any other upstream. ``precision_nativ
 device computes it in hardware: on CPU, from /proc/cpuinfo (bf16: ``avx512_bf16``/``amx_bf16``; fp16:
 ``avx512_fp16``/``amx_fp16``; False: emulated, much slower than fp32; None: unknown); on CUDA, True
 (a CUDA device without bf16 refuses it).
+
+Compile: ``compiled`` says whether the forward ran through ``torch.compile`` (ours, with the ``-g`` option
+``compile: true`` or ``UPSTREAM_COMPRESSED_COMPILE=1``; any other upstream: false). The compile happens in
+the untimed warm-up forward, so the median is the compiled model's steady state.
 """
 
 from __future__ import annotations
@@ -240,12 +244,14 @@ def profile_upstream(
 
     median = median_seconds(forward, repeats, warmup, cuda=target.type == "cuda")
     peak, peak_forward, measure = peak_memory(forward, target)
+    ours = _speech_transformer(upstream) is not None
     return {
         "upstream": name,
         "device": str(target),
         "precision": precision,
         "precision_native": precision_native(precision, target),
         "threads": torch.get_num_threads() if target.type == "cpu" else None,
+        "compiled": bool(ours and getattr(upstream, "compiled", False)),
         "params": params,
         "params_encoder": encoder_parameters(upstream),
         "macs": macs,
@@ -277,7 +283,8 @@ def format_profile(result: dict[str, Any]) -> str:
         + ("" if result["macs_effective"] in (None, result["macs"])
            else f" (effective, non-zero weights only: {result['macs_effective'] / 1e9:.2f} G)"),
         f"time            {result['median_seconds'] * 1000:.1f} ms median of {result['repeats']} "
-        f"(real-time factor {result['rtf']:.4f})",
+        f"(real-time factor {result['rtf']:.4f})"
+        + ("; torch.compile (compiled in the untimed warm-up)" if result.get("compiled") else ""),
         f"peak memory     {result['peak_memory_bytes'] / mib:.1f} MiB "
         f"({result['peak_memory_forward_bytes'] / mib:.1f} MiB above the level before the forward; "
         f"{result['peak_memory_measure']})",

@@ -18,7 +18,7 @@ def hubert_tiny(ckpt: str | None = None, model_config: str | None = None, refres
     from s3prl.upstream.hubert.hubconf import hubert_local
 
     from ..delta import DeltaError
-    from ..hubconf import precision_option, trust_option
+    from ..hubconf import compile_option, precision_option, trust_option
     from ..model.convert import CheckpointError, check_checkpoint_file
     from ..model.trust import full_unpickling_by_s3prl
 
@@ -27,6 +27,10 @@ def hubert_tiny(ckpt: str | None = None, model_config: str | None = None, refres
         raise DeltaError(f"hubert_tiny is S3PRL's own hubert_local on the bundled checkpoint and runs in fp32 only, "
                          f"not precision {precision}; for {precision}, make an identity delta of tiny_hubert "
                          "(`upstream-compressed compress` of a recipe with no steps) and use -u hubert_identity")
+    if compile_option(model_config):
+        raise DeltaError("hubert_tiny is S3PRL's own hubert_local on the bundled checkpoint and runs eagerly, as "
+                         "S3PRL builds it; for compile: true, make an identity delta of tiny_hubert (`upstream-"
+                         "compressed compress` of a recipe with no steps) and use -u hubert_identity")
     path = str(ckpt or bundled_checkpoint("tiny_hubert"))
     try:
         needs_full_unpickling = check_checkpoint_file(path, trust=trust_option(model_config))
