@@ -9,7 +9,11 @@ our fp32 model, and prints its time ratio and relative error against fp32 (per h
 the difference over the norm; the largest is reported). The last line is one JSON object with
 ``max_abs_diff`` and ``time_ratio`` (and ``precision`` when ``--dtype`` is not fp32).
 
-    python benchmarks/vs_s3prl.py [--seconds 10] [--rounds 5] [--threads N] [--dtype fp32|bf16|fp16]
+``--device cuda`` times both on the GPU (synchronised around every forward); ``--batch N`` feeds N
+utterances of ``--seconds`` each (equal lengths, as SUPERB's batches of cropped audio nearly are).
+
+    python benchmarks/vs_s3prl.py [--seconds 10] [--batch 1] [--rounds 5] [--threads N] [--device cpu|cuda]
+                                  [--dtype fp32|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HUBERT_BASE_CONV  # noqa: E402
+from common import HUBERT_BASE_CONV, machine, synchronize  # noqa: E402
 
 import upstream_compressed  # noqa: E402
 from upstream_compressed.compress import run_recipe  # noqa: E402
@@ -37,11 +41,13 @@ from upstream_compressed.recipe import parse_recipe  # noqa: E402
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint  # noqa: E402
 
 
-def timed(function, rounds: int) -> list[float]:
+def timed(function, rounds: int, device: torch.device) -> list[float]:
     times = []
     for _ in range(rounds):
+        synchronize(device)
         start = time.perf_counter()
         function()
+        synchronize(device)  # a GPU forward returns before it has run
         times.append(time.perf_counter() - start)
     return times
 
@@ -65,9 +71,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1, help="utterances per forward (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="also run the upstream with the -g option precision: DTYPE and compare it with fp32")
     args = parser.parse_args()
+    if args.batch < 1 or args.rounds < 1:
+        parser.error("--batch and --rounds must be at least 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     if args.threads:
         torch.set_num_threads(args.threads)
     upstream_compressed.register()
@@ -76,11 +89,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_hubert_checkpoint(Path(tmp) / "hubert_base_shape.pt", layers=12, dim=768, ffn=3072, heads=12,
                                       conv_layers=repr(HUBERT_BASE_CONV), conv_pos=128, conv_pos_groups=16)
-        theirs = s3prl.hub.hubert_local(ckpt=str(ckpt)).eval()
+        theirs = s3prl.hub.hubert_local(ckpt=str(ckpt)).eval().to(device)
         base = load_base(ckpt)
-        low_upstream = None if args.dtype == "fp32" else precision_upstream(s3prl.hub, ckpt, Path(tmp), args.dtype)
-    ours = UpstreamExpert(SpeechTransformer.from_state_dict(base.config, base.state_dict)).eval()
-    wavs = [torch.randn(int(args.seconds * 16000), generator=torch.Generator().manual_seed(0))]
+        low_upstream = None if args.dtype == "fp32" else \
+            precision_upstream(s3prl.hub, ckpt, Path(tmp), args.dtype).to(device)
+    ours = UpstreamExpert(SpeechTransformer.from_state_dict(base.config, base.state_dict)).eval().to(device)
+    generator = torch.Generator().manual_seed(0)
+    wavs = [torch.randn(int(args.seconds * 16000), generator=generator).to(device) for _ in range(args.batch)]
 
     with torch.inference_mode():
         expected = theirs([w.clone() for w in wavs])["hidden_states"]
@@ -89,8 +104,8 @@ def main() -> None:
         theirs(wavs), ours(wavs)  # warm-up
         their_times, our_times = [], []
         for _ in range(args.rounds):  # alternate so that load drifts hit both
-            their_times += timed(lambda: theirs(wavs), 1)
-            our_times += timed(lambda: ours(wavs), 1)
+            their_times += timed(lambda: theirs(wavs), 1, device)
+            our_times += timed(lambda: ours(wavs), 1, device)
         low_precision = None
         if low_upstream is not None:
             low = low_upstream(wavs)  # also the warm-up (and the emulation warning, once)
@@ -98,8 +113,8 @@ def main() -> None:
             errors = relative_errors(low["hidden_states"], got)
             fp32_times, low_times = [], []
             for _ in range(args.rounds):  # alternate with fp32, as above
-                fp32_times += timed(lambda: ours(wavs), 1)
-                low_times += timed(lambda: low_upstream(wavs), 1)
+                fp32_times += timed(lambda: ours(wavs), 1, device)
+                low_times += timed(lambda: low_upstream(wavs), 1, device)
             low_precision = {
                 "precision": args.dtype, "upstream": "hubert_identity", "cpu_native": native_on_cpu(args.dtype),
                 "time_ratio_vs_fp32": statistics.median(low_times) / statistics.median(fp32_times),
@@ -109,7 +124,8 @@ def main() -> None:
             }
 
     theirs_s, ours_s = statistics.median(their_times), statistics.median(our_times)
-    print(f"audio {args.seconds:g} s, threads {torch.get_num_threads()}, rounds {args.rounds}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"audio {args.batch} x {args.seconds:g} s on {args.device} ({where}), rounds {args.rounds}")
     print("| implementation | median forward (ms) |")
     print("|---|---|")
     print(f"| S3PRL hubert_local | {theirs_s * 1000:.1f} |")
@@ -123,7 +139,9 @@ def main() -> None:
         if p["cpu_native"] is False:
             print(f"this CPU has no native {p['precision']} (see /proc/cpuinfo): its matmuls are emulated, expect them slower")
     print(json.dumps({"max_abs_diff": max_diff, "time_ratio": ours_s / theirs_s, "ours_ms": ours_s * 1000,
-                      "s3prl_ms": theirs_s * 1000, **({"precision": low_precision} if low_precision else {})}))
+                      "s3prl_ms": theirs_s * 1000, "batch": args.batch, "seconds": args.seconds, "device": args.device,
+                      "threads": torch.get_num_threads(), **({"precision": low_precision} if low_precision else {}),
+                      **machine()}))
 
 
 if __name__ == "__main__":
