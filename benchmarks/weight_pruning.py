@@ -114,7 +114,7 @@ def main() -> None:
     pruned, effective_macs = [], []
     for _, step in steps:
         model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
-        model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0))
+        model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0, origin={}))
         effective_macs.append(count_effective_macs(model, args.seconds))  # on CPU in fp32, before the move
         pruned.append(model.to(device, dtype))
     base_macs = count_macs(SpeechTransformer.from_state_dict(base.config, base.state_dict), args.seconds)
