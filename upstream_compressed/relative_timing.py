@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .upstream_profile import SAMPLE_RATE, ProfileError, load_upstream, resolve_device
+from .upstream_profile import SAMPLE_RATE, ProfileError, load_upstream, resolve_device, seeded_audio
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,14 +84,6 @@ def _check(names: Sequence[str], base: str, rounds: int, warmup: int) -> None:
         raise ProfileError(f"--warmup must be at least 0, not {warmup}")
     if base not in names:
         raise ProfileError(f"the base {base!r} is not among the models timed ({', '.join(names) or 'none'})")
-
-
-def seeded_audio(seconds: float, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """The seeded random waveform ``profile`` times on (same seed: same audio)."""
-    if seconds <= 0:
-        raise ProfileError(f"--seconds must be positive, not {seconds}")
-    generator = torch.Generator().manual_seed(seed)
-    return (0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator)).to(device)
 
 
 def time_against_base(upstreams: Mapping[str, nn.Module], base: str, wav: torch.Tensor | float, rounds: int = 10,

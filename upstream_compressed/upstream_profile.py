@@ -214,6 +214,14 @@ def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[int, int,
         return peak, peak - before, "ru_maxrss (peak RSS since start; forward part is a lower bound)"
 
 
+def seeded_audio(seconds: float, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """The seeded random waveform ``profile`` times on (same seed: same audio)."""
+    if seconds <= 0:
+        raise ProfileError(f"--seconds must be positive, not {seconds}")
+    generator = torch.Generator().manual_seed(seed)
+    return (0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator)).to(device)
+
+
 def profile_upstream(
     upstream: nn.Module, name: str, seconds: float = 10.0, device: str = "cpu", repeats: int = 5, warmup: int = 1,
     seed: int = 0,
@@ -235,8 +243,7 @@ def profile_upstream(
             raise ProfileError(str(error)) from error
     params = sum(p.numel() for p in upstream.parameters())
     macs, macs_effective = count_upstream_macs(upstream, seconds, target)
-    generator = torch.Generator().manual_seed(seed)
-    wav = (0.1 * torch.randn(int(seconds * SAMPLE_RATE), generator=generator)).to(target)
+    wav = seeded_audio(seconds, target, seed)
 
     def forward() -> None:
         with torch.inference_mode():
