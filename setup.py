@@ -11,6 +11,7 @@ setup(
             "embedded/checkpoints/*.pt",
             "embedded/checkpoints/*.json",
             "recipes/*/*.yaml",
+            "model/spmm.c",
             "downstream_configs/*.yaml",
         ]
     },

@@ -6,16 +6,24 @@ on random weights would prune whole Linears whose initial scale is small). Side 
 alternation within one run on ``--seconds`` of audio:
 
 (a) the 72 pruned Linears alone, each on its real input shape (frames x in): forced sparse (CSR)
-    against the dense Linears; per shape as well, which gives the break-even sparsity;
+    against the dense Linears; per shape as well, which gives the break-even sparsity; then
+    ``auto``'s plan (its calibration, timed) and the Linears' time under the kernels it chose (each
+    Linear's time in (a) with the chosen kernel) over the dense Linears';
 (b) the whole upstream (``UpstreamExpert``, sparse execution ``auto``) against the dense model,
     with its bound: dense total / (dense total - dense time of the pruned Linears), i.e. the
     speed-up if the pruned Linears took no time at all (the CNN front end and attention stay).
+
+It prints the CPU model, its vector flags and torch's thread count first (``--threads``: default
+torch's, every core), and a check of the goals last: Linears >= 2.5x at 90% and >= 4x at 95%, the
+whole model >= 1.6x at 90%, and ``auto`` never below 0.97x of dense (Linears and whole model, every
+sparsity).
 
 On ``--device cuda`` forced sparse means cuSPARSE CSR for unstructured masks, and ``--two-four``
 adds a 2:4 model (``pattern: 2:4``, 50%) run on the semi-structured kernels (fp16/bf16, ``--dtype``).
 
 The last line is one JSON object (``linear_speedup_90``, ``linear_speedup_95``,
-``model_speedup_90``, ``model_bound_90``, ...).
+``model_speedup_90``, ``model_bound_90``, ..., ``auto_linear_speedup``, ``auto_min_speedup``,
+``calibration_seconds``, ``machine``).
 
     python benchmarks/weight_pruning.py [--seconds 10] [--rounds 5] [--threads N]
     python benchmarks/weight_pruning.py --device cuda --dtype float16 --two-four
@@ -34,13 +42,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hubert_base_shape, interleaved_medians, synchronize  # noqa: E402
+from common import hubert_base_shape, interleaved_medians, machine, synchronize  # noqa: E402
 
 from upstream_compressed.compress import STEPS, StepContext  # noqa: E402
 from upstream_compressed.delta import Structure  # noqa: E402
 from upstream_compressed.expert import UpstreamExpert  # noqa: E402
 from upstream_compressed.model import LINEAR_NAMES, SpeechTransformer  # noqa: E402
-from upstream_compressed.model.sparse import CPU_MIN_SPARSITY  # noqa: E402
+from upstream_compressed.model.sparse import CALIBRATION_MARGIN, CPU_CALIBRATE_FROM, calibrations  # noqa: E402
 from upstream_compressed.profile import count_effective_macs, count_macs  # noqa: E402
 
 SHAPES = {"q_proj": "attn 768x768", "k_proj": "attn 768x768", "v_proj": "attn 768x768",
@@ -51,27 +59,36 @@ def linears(model: SpeechTransformer) -> list[tuple[str, torch.nn.Module]]:
     return [(SHAPES[name], model.linear(i, name)) for i in range(model.config.num_layers) for name in LINEAR_NAMES]
 
 
+GOALS = {"linear_speedup_90": 2.5, "linear_speedup_95": 4.0, "model_speedup_90": 1.6, "auto_min_speedup": 0.97}
+
+
 def time_linears(variants: list[list[tuple[str, torch.nn.Module]]], frames: int, rounds: int,
-                 device: torch.device, dtype: torch.dtype) -> list[dict[str, float]]:
-    """Per variant and shape, the median (over rounds) of the summed forward time of its Linears."""
+                 device: torch.device, dtype: torch.dtype) -> tuple[list[dict[str, float]], list[list[float]]]:
+    """Per variant: the median (over rounds) of the summed forward time of its Linears per shape (and
+    "all"), and each Linear's own median."""
     inputs = {n: torch.randn(1, frames, n, device=device, dtype=dtype) for n in (768, 3072)}
     totals: list[dict[str, list[float]]] = [{} for _ in variants]
+    each: list[list[list[float]]] = [[[] for _ in modules] for modules in variants]
     with torch.inference_mode():
         for round_ in range(rounds + 1):  # round 0 warms up (and builds the sparse kernels)
             for v, modules in enumerate(variants):
                 sums: dict[str, float] = {}
-                for shape, module in modules:
+                for i, (shape, module) in enumerate(modules):
                     x = inputs[module.in_features]
                     synchronize(device)
                     start = time.perf_counter()
                     module(x)
                     synchronize(device)
-                    sums[shape] = sums.get(shape, 0.0) + time.perf_counter() - start
+                    seconds = time.perf_counter() - start
+                    sums[shape] = sums.get(shape, 0.0) + seconds
+                    if round_:
+                        each[v][i].append(seconds)
                 if round_:
                     for shape, seconds in sums.items():
                         totals[v].setdefault(shape, []).append(seconds)
                     totals[v].setdefault("all", []).append(sum(sums.values()))
-    return [{shape: statistics.median(t) for shape, t in variant.items()} for variant in totals]
+    return ([{shape: statistics.median(t) for shape, t in variant.items()} for variant in totals],
+            [[statistics.median(t) for t in variant] for variant in each])
 
 
 def break_even(sparsities: list[float], speedups: list[float]) -> float | None:
@@ -103,6 +120,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    host = machine()
+    print(f"CPU {host['cpu']}, flags {' '.join(host['flags']) or 'none of ours'}, {host['cores']} cores; "
+          f"torch threads {torch.get_num_threads()} ({'--threads' if args.threads else 'default'}), "
+          f"load average {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}")
 
     base = hubert_base_shape()
     dense = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval().to(device, dtype)
@@ -114,7 +135,8 @@ def main() -> None:
     pruned, effective_macs = [], []
     for _, step in steps:
         model = SpeechTransformer.from_state_dict(base.config, base.state_dict).eval()
-        model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step, StepContext(base, Path("."), 0, origin={}))
+        model, _ = STEPS["weight_pruning"](model, Structure.identity(base.config), step,
+                                           StepContext(base, Path("."), 0, origin={}))
         effective_macs.append(count_effective_macs(model, args.seconds))  # on CPU in fp32, before the move
         pruned.append(model.to(device, dtype))
     base_macs = count_macs(SpeechTransformer.from_state_dict(base.config, base.state_dict), args.seconds)
@@ -130,7 +152,8 @@ def main() -> None:
     for model in pruned:
         model.set_sparse_execution("sparse")
     sparse_kernels = [sorted({m.kernel_name() for _, m in linears(model)}) for model in pruned]
-    linear_times = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds, device, dtype)
+    linear_times, each_linear = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds,
+                                             device, dtype)
     dense_linear = linear_times[0]
     print(f"(a) the {len(linears(dense))} encoder Linears alone, {frames} frames ({args.seconds:g} s), {where}, "
           f"median of {args.rounds} rounds: dense vs the sparse kernel (forced sparse)")
@@ -146,14 +169,39 @@ def main() -> None:
     per_shape = {s: [dense_linear[s] / t[s] for t in linear_times[1:len(unstructured) + 1]] for s in shapes}
     even = {s: break_even(unstructured, per_shape[s]) for s in shapes}
     even["all"] = break_even(unstructured, [linear_speedup[label] for label in labels[:len(unstructured)]])
-    rule = f"auto uses CSR from {CPU_MIN_SPARSITY:.0%}" if device.type == "cpu" else \
-        "auto runs every mask dense on CUDA"
+    rule = (f"auto calibrates from {CPU_CALIBRATE_FROM:.0%} and takes CSR if >= {CALIBRATION_MARGIN:g}x faster"
+            if device.type == "cpu" else "auto runs every mask dense on CUDA")
     print("break-even sparsity (sparse = dense, interpolated): " +
           ", ".join(f"{s} {v:.0%}" if v is not None else f"{s} not reached" for s, v in even.items()) + f"; {rule}")
 
-    # (b) the whole upstream with automatic kernel choice against the dense model.
-    for model in pruned:
+    # auto's plan: the calibration (timed), and the Linears' time under the kernels it chose.
+    print()
+    print(f"auto at {torch.get_num_threads()} threads: plan time (calibration and kernel builds), the kernels it "
+          f"chose, and the Linears' time under them against dense (sums of each Linear's median in (a); dense "
+          f"{sum(each_linear[0]) * 1000:.2f} ms)")
+    print("| sparsity | plan (s) | calibrations | calibrated CSR speed-up per shape | kernels per shape | "
+          "auto Linears (ms) | auto speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    plan_seconds, calibration_seconds, auto_linear_speedup, auto_kernels = {}, {}, {}, {}
+    for label, model, times in zip(labels, pruned, each_linear[1:]):
+        known = set(calibrations())
+        start = time.perf_counter()
         model.set_sparse_execution("auto")
+        plan_seconds[label] = time.perf_counter() - start
+        new = {key: value for key, value in calibrations().items() if key not in known}
+        calibration_seconds[label] = sum(c.seconds for c in new.values())
+        chosen = [m.kernel_name() for _, m in linears(model)]
+        auto_kernels[label] = {shape: "+".join(sorted({k for (s, _), k in zip(linears(model), chosen) if s == shape}))
+                               for shape in shapes}
+        # Sums of per-Linear medians on both sides (a median of sums, as in (a), is not a sum of medians).
+        auto_time = sum(t if k != "dense" else d for t, d, k in zip(times, each_linear[0], chosen))
+        auto_linear_speedup[label] = sum(each_linear[0]) / auto_time
+        ratios = ", ".join(f"{key[0]}x{key[1]} {c.speed_up:.2f}" for key, c in new.items())
+        print(f"| {label} | {plan_seconds[label]:.2f} | {len(new)} ({calibration_seconds[label]:.2f} s) | "
+              f"{ratios or '-'} | " + ", ".join(f"{s} {k}" for s, k in auto_kernels[label].items()) +
+              f" | {auto_time * 1000:.2f} | {auto_linear_speedup[label]:.2f}x |")
+
+    # (b) the whole upstream with automatic kernel choice (planned above) against the dense model.
     kernels = [sorted({m.kernel_name() for _, m in linears(model)}) for model in pruned]
     experts = [UpstreamExpert(dense)] + [UpstreamExpert(m) for m in pruned]
     model_times = interleaved_medians(experts, [wav], args.rounds)
@@ -180,6 +228,12 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()} of {os.cpu_count()} cores; load average (1/5/15 min) "
           f"before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
+    auto_min = min(list(auto_linear_speedup.values()) + list(model_speedup.values()))
+    measured = {"linear_speedup_90": linear_speedup.get("90%"), "linear_speedup_95": linear_speedup.get("95%"),
+                "model_speedup_90": model_speedup.get("90%"), "auto_min_speedup": auto_min}
+    print("goals: " + "; ".join(
+        f"{name} {value:.2f} (goal >= {GOALS[name]:g}: {'met' if value >= GOALS[name] else 'NOT met'})"
+        for name, value in measured.items() if value is not None))
     def at(values: dict[str, float], label: str) -> float | None:  # None (JSON null) if not measured
         return round(values[label], 3) if label in values else None
 
@@ -193,8 +247,14 @@ def main() -> None:
         "linear_speedup": {k: round(v, 3) for k, v in linear_speedup.items()},
         "model_speedup": {k: round(v, 3) for k, v in model_speedup.items()},
         "break_even": {s: (round(v, 3) if v is not None else None) for s, v in even.items()},
+        "auto_linear_speedup": {k: round(v, 3) for k, v in auto_linear_speedup.items()},
+        "auto_min_speedup": round(auto_min, 3),
+        "auto_kernels": auto_kernels,
+        "plan_seconds": {k: round(v, 3) for k, v in plan_seconds.items()},
+        "calibration_seconds": {k: round(v, 3) for k, v in calibration_seconds.items()},
         "device": where,
         "threads": torch.get_num_threads(),
+        "machine": host,
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in load_after],
     }

@@ -73,7 +73,9 @@ PACKAGE = "upstream_compressed"
 
 # module (relative to the package) -> the test files that exercise it
 MODULES: dict[str, list[str]] = {
-    "model/sparse.py": ["tests/test_sparse.py", "tests/test_weight_pruning.py"],
+    "model/sparse.py": ["tests/test_sparse.py", "tests/test_sparse_calibration.py", "tests/test_native_spmm.py",
+                        "tests/test_weight_pruning.py"],
+    "model/native_spmm.py": ["tests/test_native_spmm.py"],
     "compress/selection.py": ["tests/test_selection.py", "tests/test_head_analysis.py"],
     # train/data.py (the in-memory batches) was replaced by train/stream.py (streamed batches, issue 15)
     "train/stream.py": ["tests/test_stream.py", "tests/test_train.py"],
@@ -101,10 +103,10 @@ EXPLAINED: list[tuple[str, str, str, str]] = [
     ("model/sparse.py", "is_two_four", "mask.reshape(-1, 4)",
      "equivalent: the width is a multiple of 4 (checked just before), so no group of 4 straddles two rows"),
     ("model/sparse.py", "is_two_four", "mask.shape[+1]", "equivalent: masks are 2-D, so shape[1] is shape[-1]"),
-    ("model/sparse.py", "_CsrKernel.__call__", "if rows.shape[1] == 0:",
+    ("model/sparse.py", "_CsrKernel._multiply", "if rows.shape[1] == 0:",
      "equivalent: split and mm give the right (0, out) result for zero rows anyway (the guard is a shortcut), "
      "and a Linear with zero inputs never gets a CSR kernel (_choose: no weights, dense)"),
-    ("model/sparse.py", "_CsrKernel.__call__", "if (self.chunk) or True else",
+    ("model/sparse.py", "_multiply_chunks", "if (chunk) or True else",
      "CUDA only: chunk is None only on a GPU (forced CSR); on CPU it is always set"),
     ("model/sparse.py", "_CsrKernel.__init__", "mask.shape[0] + 1, device=None)", "CUDA only: on CPU None is the mask's device"),
     *(("model/sparse.py", "_CsrKernel.__init__", fragment, "equivalent: the matrix built here is well formed "

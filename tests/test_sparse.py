@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upstream_compressed.model import native_spmm, sparse
 from upstream_compressed.model.sparse import (
-    CPU_MIN_SPARSITY, EXECUTION_ENV, MaskedLinear, _CsrKernel, forced_execution, is_two_four, masked_linears,
+    CPU_CALIBRATE_FROM, EXECUTION_ENV, MaskedLinear, _CsrKernel, forced_execution, is_two_four, masked_linears,
     resolve_execution, set_execution,
 )
 
@@ -36,6 +37,21 @@ def reference(module: MaskedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def no_environment_mode(monkeypatch):
     monkeypatch.delenv(EXECUTION_ENV, raising=False)
+
+
+def csr_faster(runs):
+    return {"dense": [2.0], "csr": [1.0]}
+
+
+def dense_faster(runs):
+    return {"dense": [1.0], "csr": [2.0]}
+
+
+@pytest.fixture(autouse=True)
+def calibration_says_csr(monkeypatch):
+    """auto's calibration decides without timing: CSR wins (these tests are about caching, not speed;
+    tests/test_sparse_calibration.py tests the calibration itself)."""
+    monkeypatch.setattr(sparse, "calibration_timer", csr_faster)
 
 
 # ------------------------------------------------------------------------------------ the mode
@@ -109,11 +125,14 @@ def kernels(module: MaskedLinear) -> dict[str, str]:
     return {mode: set_execution(nn.Sequential(module), mode)["0"] for mode in ("auto", "dense", "sparse")}
 
 
-def test_auto_runs_csr_on_cpu_from_the_measured_break_even_sparsity():
+def test_auto_on_cpu_runs_what_the_calibration_chose_from_the_calibration_floor_on(monkeypatch):
     assert kernels(masked(16, 16, sparsity=0.8)) == {"auto": "csr", "dense": "dense", "sparse": "csr"}
-    assert kernels(masked(16, 16, sparsity=0.7)) == {"auto": "dense", "dense": "dense", "sparse": "csr"}
-    at_threshold = masked(20, 20, sparsity=CPU_MIN_SPARSITY)
-    assert at_threshold.sparsity == CPU_MIN_SPARSITY and kernels(at_threshold)["auto"] == "csr"
+    below = masked(20, 20, sparsity=CPU_CALIBRATE_FROM - 0.01)
+    assert kernels(below) == {"auto": "dense", "dense": "dense", "sparse": "csr"}  # not even timed
+    at_floor = masked(20, 20, sparsity=CPU_CALIBRATE_FROM)
+    assert at_floor.sparsity == CPU_CALIBRATE_FROM and kernels(at_floor)["auto"] == "csr"
+    monkeypatch.setattr(sparse, "calibration_timer", dense_faster)
+    assert kernels(masked(16, 16, sparsity=0.8)) == {"auto": "dense", "dense": "dense", "sparse": "csr"}
 
 
 def test_a_layer_with_no_weights_runs_dense_even_when_sparse_is_forced():
@@ -259,6 +278,7 @@ def test_the_csr_kernel_multiplies_cpu_frames_in_chunks_of_cpu_chunk_rows(monkey
     """CPU_CHUNK_ROWS frames at a time (the activations it streams stay in cache); the last chunk is the rest."""
     from upstream_compressed.model.sparse import CPU_CHUNK_ROWS
 
+    monkeypatch.setenv(native_spmm.DISABLE_ENV, "0")  # torch's products, where the native kernel cannot run
     module = masked(9, 12, sparsity=0.8, bias=bias)
     module.execution = "sparse"
     x = torch.randn(2, 50, 12, generator=torch.Generator().manual_seed(0))
@@ -273,8 +293,9 @@ def test_the_csr_kernel_multiplies_cpu_frames_in_chunks_of_cpu_chunk_rows(monkey
     assert torch.allclose(out, reference(module, x), atol=1e-5)
 
 
-def test_auto_below_the_break_even_sparsity_also_restores_zeros_written_into_pruned_weights():
-    module = masked(8, 12, sparsity=0.5)  # auto on CPU: dense below CPU_MIN_SPARSITY
+def test_auto_choosing_dense_also_restores_zeros_written_into_pruned_weights(monkeypatch):
+    monkeypatch.setattr(sparse, "calibration_timer", dense_faster)
+    module = masked(8, 12, sparsity=0.5)
     assert module.kernel_name() == "dense"
     pruned = ~module.mask
     x = torch.randn(4, 12, generator=torch.Generator().manual_seed(1))

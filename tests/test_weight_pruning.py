@@ -29,7 +29,10 @@ from upstream_compressed.delta import (
 from upstream_compressed.model import LINEAR_NAMES, SpeechTransformer
 from upstream_compressed.model.convert import load_base
 from upstream_compressed.model.layers import factorize
-from upstream_compressed.model.sparse import CPU_MIN_SPARSITY, EXECUTION_ENV, MaskedLinear, is_two_four, masked_linears
+from upstream_compressed.model import sparse
+from upstream_compressed.model.sparse import (
+    CPU_CALIBRATE_FROM, EXECUTION_ENV, MaskedLinear, is_two_four, masked_linears,
+)
 from upstream_compressed.profile import count_effective_macs, count_macs, count_nonzero_parameters
 from upstream_compressed.recipe import RecipeError, parse_recipe
 from upstream_compressed.testing.checkpoints import make_hubert_checkpoint
@@ -285,11 +288,17 @@ def test_flipped_bit_in_a_packed_mask_is_refused(sparse_delta_file, hubert_ckpt)
 
 
 # ------------------------------------------------------------------------------ sparse execution
-def test_sparse_kernels_equal_the_masked_dense_model(hubert_ckpt, padded_batch, monkeypatch):
+@pytest.fixture
+def calibration_says_csr(monkeypatch):
+    """auto's calibration decides without timing: CSR wins (on the tiny model's shapes dense would)."""
+    monkeypatch.setattr(sparse, "calibration_timer", lambda runs: {"dense": [2.0], "csr": [1.0]})
+
+
+def test_sparse_kernels_equal_the_masked_dense_model(hubert_ckpt, padded_batch, monkeypatch, calibration_says_csr):
     model, _, _ = pruned(hubert_ckpt, wp(sparsity=0.9, selection="per_layer"))
     assert set(model.set_sparse_execution("dense").values()) == {"dense"}
     expected, mask = run_model(model, padded_batch)
-    assert set(model.set_sparse_execution("auto").values()) == {"csr"}  # 90% is past the CPU break-even
+    assert set(model.set_sparse_execution("auto").values()) == {"csr"}  # where the calibration found CSR faster
     states, _ = run_model(model, padded_batch)
     for a, b in zip(states, expected):
         assert max_valid_difference(a, b, mask) < 1e-4
@@ -299,7 +308,8 @@ def test_sparse_kernels_equal_the_masked_dense_model(hubert_ckpt, padded_batch, 
     assert all(max_valid_difference(a.detach(), b, mask) < 1e-4 for a, b in zip(grad_states, expected))
 
     half, _, _ = pruned(hubert_ckpt, wp(sparsity=0.5, selection="per_layer"))
-    assert set(half.set_sparse_execution(None).values()) == {"dense"}  # auto: 50% loses on this CPU
+    monkeypatch.setattr(sparse, "calibration_timer", lambda runs: {"dense": [1.0], "csr": [2.0]})
+    assert set(half.set_sparse_execution(None).values()) == {"dense"}  # auto: where the calibration found dense faster
     monkeypatch.setenv(EXECUTION_ENV, "sparse")
     assert set(half.set_sparse_execution(None).values()) == {"csr"}
     assert set(half.set_sparse_execution("dense").values()) == {"dense"}  # explicit beats the environment
@@ -354,7 +364,7 @@ def test_effective_macs_equal_the_analytic_count(hubert_ckpt):
 # ------------------------------------------------------------------------------------- upstreams
 @pytest.mark.parametrize("family", ["hubert", "distilhubert"])
 def test_weightpruned_upstreams_load_deltas_through_the_hub(tmp_path, s3prl_hub, hubert_ckpt, distiller_ckpt,
-                                                          padded_batch, family):
+                                                          padded_batch, family, calibration_says_csr):
     ckpt = hubert_ckpt if family == "hubert" else distiller_ckpt
     recipe = tmp_path / "wp.yaml"
     recipe.write_text(f"base: {ckpt}\nsteps:\n  - {{method: weight_pruning, sparsity: 0.9}}\n")
@@ -385,7 +395,7 @@ def test_weightpruned_upstreams_load_deltas_through_the_hub(tmp_path, s3prl_hub,
 
 
 # ------------------------------------------------------------------------- HuBERT Base shape
-def test_hubert_base_delta_at_90_percent_is_small_and_runs_sparse(tmp_path):
+def test_hubert_base_delta_at_90_percent_is_small_and_runs_sparse(tmp_path, calibration_says_csr):
     ckpt = make_hubert_checkpoint(tmp_path / "base.pt", layers=12, dim=768, ffn=3072, heads=12,
                                   conv_layers="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
                                   conv_pos=128, conv_pos_groups=16)
@@ -399,7 +409,8 @@ def test_hubert_base_delta_at_90_percent_is_small_and_runs_sparse(tmp_path):
     rebuilt, _ = load_compressed(path, ckpt)
     wav = [torch.randn(8000, generator=torch.Generator().manual_seed(1))]
     kernels = rebuilt.set_sparse_execution("auto")  # global selection: Linears differ in sparsity
-    assert kernels == {name: "csr" if m.sparsity >= CPU_MIN_SPARSITY else "dense" for name, m in masked_linears(rebuilt)}
+    assert kernels == {name: "csr" if m.sparsity >= CPU_CALIBRATE_FROM else "dense"
+                       for name, m in masked_linears(rebuilt)}
     assert "csr" in kernels.values()
     states, mask = run_model(rebuilt, wav)
     model.set_sparse_execution("dense")
