@@ -188,3 +188,14 @@ def test_other_dtypes_stay_on_torchs_product():
     x = torch.randn(30, 12, dtype=torch.float64)
     torch.testing.assert_close(kernel(x), F.linear(x, weight.double(), bias.double()))
 
+
+
+@needs_native
+def test_an_unwritable_cache_says_which_folder_and_how_to_move_it(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(CACHE_ENV, str(blocked / "kernels"))
+    native_spmm._load.cache_clear()
+    with pytest.warns(RuntimeWarning, match=rf"Set CC to a working C compiler, {CACHE_ENV} to a writable folder "
+                                            rf"\(now {blocked / 'kernels'}\)"):
+        assert not native_spmm.available()

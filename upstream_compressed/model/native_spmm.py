@@ -137,8 +137,9 @@ def _load() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"the native sparse kernel could not be built or loaded ({error}); pruned Linears run torch's "
-                      f"CSR product instead, which is slower. Set CC to a working C compiler, or {DISABLE_ENV}=0 "
-                      "to stop trying.", RuntimeWarning, stacklevel=3)
+                      f"CSR product instead, which is slower. Set CC to a working C compiler, {CACHE_ENV} to a "
+                      f"writable folder (now {cache_dir()}), or {DISABLE_ENV}=0 to stop trying.",
+                      RuntimeWarning, stacklevel=3)
         return None
     function = getattr(library, SYMBOL)
     function.restype, function.argtypes = None, _ARGUMENTS
