@@ -6,7 +6,9 @@ on random weights would prune whole Linears whose initial scale is small). Side 
 alternation within one run on ``--seconds`` of audio:
 
 (a) the 72 pruned Linears alone, each on its real input shape (frames x in): forced sparse (CSR)
-    against the dense Linears; per shape as well, which gives the break-even sparsity; then
+    against the dense Linears; per shape as well, which gives the break-even sparsity; on a CPU
+    where our native kernel runs, also torch's CSR products on copies of the same Linears, in the same
+    rounds (what the native kernel gains over them); then
     ``auto``'s plan (its calibration, timed) and the Linears' time under the kernels it chose (each
     Linear's time in (a) with the chosen kernel) over the dense Linears';
 (b) the whole upstream (``UpstreamExpert``, sparse execution ``auto``) against the dense model,
@@ -22,7 +24,7 @@ On ``--device cuda`` forced sparse means cuSPARSE CSR for unstructured masks, an
 adds a 2:4 model (``pattern: 2:4``, 50%) run on the semi-structured kernels (fp16/bf16, ``--dtype``).
 
 The last line is one JSON object (``linear_speedup_90``, ``linear_speedup_95``,
-``model_speedup_90``, ``model_bound_90``, ..., ``auto_linear_speedup``, ``auto_min_speedup``,
+``model_speedup_90``, ``model_bound_90``, ..., ``torch_csr_linear_speedup``, ``auto_linear_speedup``, ``auto_min_speedup``,
 ``calibration_seconds``, ``machine``).
 
     python benchmarks/weight_pruning.py [--seconds 10] [--rounds 5] [--threads N]
@@ -48,7 +50,8 @@ from upstream_compressed.compress import STEPS, StepContext  # noqa: E402
 from upstream_compressed.delta import Structure  # noqa: E402
 from upstream_compressed.expert import UpstreamExpert  # noqa: E402
 from upstream_compressed.model import LINEAR_NAMES, SpeechTransformer  # noqa: E402
-from upstream_compressed.model.sparse import CALIBRATION_MARGIN, CPU_CALIBRATE_FROM, calibrations  # noqa: E402
+from upstream_compressed.model import native_spmm  # noqa: E402
+from upstream_compressed.model.sparse import CALIBRATION_MARGIN, CPU_CALIBRATE_FROM, MaskedLinear, calibrations  # noqa: E402
 from upstream_compressed.profile import count_effective_macs, count_macs  # noqa: E402
 
 SHAPES = {"q_proj": "attn 768x768", "k_proj": "attn 768x768", "v_proj": "attn 768x768",
@@ -148,24 +151,45 @@ def main() -> None:
         frames = (frames - kernel) // stride + 1
     where = f"{device.type}, {args.dtype}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
 
-    # (a) the pruned Linears alone: forced sparse against dense.
+    # (a) the pruned Linears alone: forced sparse against dense, and (CPU, where our kernel runs) against torch's
+    # CSR products on copies of the same Linears, side by side.
     for model in pruned:
         model.set_sparse_execution("sparse")
     sparse_kernels = [sorted({m.kernel_name() for _, m in linears(model)}) for model in pruned]
-    linear_times, each_linear = time_linears([linears(dense)] + [linears(m) for m in pruned], frames, args.rounds,
-                                             device, dtype)
+    torch_csr = []
+    if device.type == "cpu" and native_spmm.available():
+        os.environ[native_spmm.DISABLE_ENV] = "0"
+        try:
+            for model in pruned:
+                copy = [(shape, MaskedLinear.from_linear(module, module.mask)) for shape, module in linears(model)]
+                for _, module in copy:
+                    module.execution = "sparse"
+                    module.kernel_name()  # builds the torch-product kernel while ours is switched off
+                torch_csr.append(copy)
+        finally:
+            del os.environ[native_spmm.DISABLE_ENV]
+    linear_times, each_linear = time_linears([linears(dense)] + [linears(m) for m in pruned] + torch_csr, frames,
+                                             args.rounds, device, dtype)
+    torch_csr_times = linear_times[len(pruned) + 1:]
+    linear_times, each_linear = linear_times[:len(pruned) + 1], each_linear[:len(pruned) + 1]
     dense_linear = linear_times[0]
     print(f"(a) the {len(linears(dense))} encoder Linears alone, {frames} frames ({args.seconds:g} s), {where}, "
-          f"median of {args.rounds} rounds: dense vs the sparse kernel (forced sparse)")
+          f"median of {args.rounds} rounds: dense vs the sparse kernel (forced sparse)"
+          + ("; last column: torch's CSR products (UPSTREAM_COMPRESSED_NATIVE_SPMM=0) on the same Linears, "
+             "timed in the same rounds" if torch_csr else ""))
     shapes = [s for s in dense_linear if s != "all"]
     print("| sparsity | sparse kernel | dense (ms) | sparse (ms) | speed-up | "
-          + " | ".join(f"{s} speed-up" for s in shapes) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(shapes))
+          + " | ".join(f"{s} speed-up" for s in shapes) + (" | torch's CSR speed-up |" if torch_csr else " |"))
+    print("|---|---|---|---|---|" + "---|" * (len(shapes) + bool(torch_csr)))
     linear_speedup: dict[str, float] = {}
-    for label, kernel, times in zip(labels, sparse_kernels, linear_times[1:]):
+    torch_csr_speedup: dict[str, float] = {}
+    for i, (label, kernel, times) in enumerate(zip(labels, sparse_kernels, linear_times[1:])):
         linear_speedup[label] = dense_linear["all"] / times["all"]
+        if torch_csr:
+            torch_csr_speedup[label] = dense_linear["all"] / torch_csr_times[i]["all"]
         print(f"| {label} | {'+'.join(kernel)} | {dense_linear['all'] * 1000:.2f} | {times['all'] * 1000:.2f} | "
-              f"{linear_speedup[label]:.2f}x | " + " | ".join(f"{dense_linear[s] / times[s]:.2f}x" for s in shapes) + " |")
+              f"{linear_speedup[label]:.2f}x | " + " | ".join(f"{dense_linear[s] / times[s]:.2f}x" for s in shapes)
+              + (f" | {torch_csr_speedup[label]:.2f}x |" if torch_csr else " |"))
     per_shape = {s: [dense_linear[s] / t[s] for t in linear_times[1:len(unstructured) + 1]] for s in shapes}
     even = {s: break_even(unstructured, per_shape[s]) for s in shapes}
     even["all"] = break_even(unstructured, [linear_speedup[label] for label in labels[:len(unstructured)]])
@@ -245,6 +269,7 @@ def main() -> None:
         "model_way_to_bound_90": at(way, "90%"),
         "model_speedup_over_bound_90": round(model_speedup["90%"] / bound, 3) if "90%" in model_speedup else None,
         "linear_speedup": {k: round(v, 3) for k, v in linear_speedup.items()},
+        "torch_csr_linear_speedup": {k: round(v, 3) for k, v in torch_csr_speedup.items()},
         "model_speedup": {k: round(v, 3) for k, v in model_speedup.items()},
         "break_even": {s: (round(v, 3) if v is not None else None) for s, v in even.items()},
         "auto_linear_speedup": {k: round(v, 3) for k, v in auto_linear_speedup.items()},
