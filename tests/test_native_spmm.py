@@ -199,3 +199,17 @@ def test_an_unwritable_cache_says_which_folder_and_how_to_move_it(tmp_path, monk
     with pytest.warns(RuntimeWarning, match=rf"Set CC to a working C compiler, {CACHE_ENV} to a writable folder "
                                             rf"\(now {blocked / 'kernels'}\)"):
         assert not native_spmm.available()
+
+
+@needs_native
+def test_a_cached_library_others_can_write_is_not_loaded(tmp_path, monkeypatch):
+    """Loading a library runs its code: one that another user could have replaced is refused, with what to do."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    native_spmm._load.cache_clear()
+    assert native_spmm.available()
+    built = native_spmm.library_path()
+    built.chmod(0o777)
+    native_spmm._load.cache_clear()
+    with pytest.warns(RuntimeWarning, match=rf"{built} belongs to uid \d+ or is writable by others \(mode 0o777\); "
+                                            rf"not loading it: delete it or point {CACHE_ENV} at a folder of your own"):
+        assert not native_spmm.available()

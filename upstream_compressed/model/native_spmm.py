@@ -14,8 +14,11 @@ It is plain C with no torch headers, so it compiles in about a second with the s
 (``$CC``, else ``cc``) the first time a CSR kernel is built, into a cache folder (:data:`CACHE_ENV`, else
 ``$XDG_CACHE_HOME/upstream_compressed/kernels``, else ``~/.cache/...``); the file is named by a hash of the
 source, the flags and the compiler's version, and written under a temporary name then renamed, so processes
-started together (torchrun, Slurm arrays) never load a half-written library. It links OpenMP by the name
-``libgomp.so.1``, which is the copy torch already loaded, so both run on one thread pool. Where it cannot run
+started together (torchrun, Slurm arrays) never load a half-written library; a cached library that
+another user owns or could write is not loaded (its code would run in this process). It links OpenMP by the name
+``libgomp.so.1``, which is the copy torch already loaded, so both run on one thread pool (checked in
+``/proc/self/maps`` with torch's pip wheel; a torch built on another OpenMP runtime would bring the
+system's libgomp beside it, whose threads then compete with torch's). Where it cannot run
 (not x86-64 Linux, a CPU without AVX2/FMA, no compiler, or :data:`DISABLE_ENV` set to ``0``) the CSR kernel
 falls back to torch's products (``sparse.py``); a failed build warns once with the compiler's message.
 """
@@ -128,12 +131,22 @@ def build(path: Path) -> None:
             os.unlink(temporary)
 
 
+def check_owned(path: Path) -> None:
+    """Refuse a library another user could have written: loading it runs its code in this process."""
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"{path} belongs to uid {info.st_uid} or is writable by others (mode "
+                           f"{oct(info.st_mode & 0o777)}); not loading it: delete it or point {CACHE_ENV} at a "
+                           "folder of your own")
+
+
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     try:
         path = library_path()
         if not path.exists():
             build(path)
+        check_owned(path)
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"the native sparse kernel could not be built or loaded ({error}); pruned Linears run torch's "
