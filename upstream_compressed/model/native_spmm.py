@@ -181,7 +181,7 @@ def multiply(rows: Tensor, matrix: PanelCsr, bias: Tensor | None) -> Tensor:
     out = rows.new_empty(frames, out_features)
     if frames == 0:
         return out
-    scratch = rows.new_empty(in_features * ((frames + 7) // 8 * 8))
+    scratch = rows.new_empty(-(-frames // 64) * in_features * 64)  # blocks of 64 frames (spmm.c)
     getattr(library, SYMBOL)(rows.data_ptr(), frames, in_features, matrix.crow.data_ptr(), matrix.columns.data_ptr(),
                              matrix.values.data_ptr(), None if bias is None else bias.data_ptr(), out_features,
                              matrix.panels, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads())
