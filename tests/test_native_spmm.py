@@ -213,3 +213,16 @@ def test_a_cached_library_others_can_write_is_not_loaded(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=rf"{built} belongs to uid \d+ or is writable by others \(mode 0o777\); "
                                             rf"not loading it: delete it or point {CACHE_ENV} at a folder of your own"):
         assert not native_spmm.available()
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_long_input_runs_in_chunks_that_give_the_same_product(threads):
+    """Past CHUNK_FRAMES frames the kernel is called per chunk (each chunk's data stays in cache): 1100 frames are
+    two whole chunks and a short one; the chunk boundaries must not show in the product."""
+    weight, mask, bias = pruned(37, 300, sparsity=0.9)
+    torch.set_num_threads(threads)
+    rows, columns = mask.nonzero(as_tuple=True)
+    matrix = native_spmm.pack(rows, columns, weight[rows, columns], (37, 300))
+    x = torch.randn(2 * native_spmm.CHUNK_FRAMES + 76, 300)
+    torch.testing.assert_close(native_spmm.multiply(x, matrix, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)

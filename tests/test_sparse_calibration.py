@@ -9,7 +9,7 @@ from torch import nn
 
 from upstream_compressed.model import native_spmm, sparse
 from upstream_compressed.model.sparse import (
-    CALIBRATION_MARGIN, CALIBRATION_ROUNDS, EXECUTION_ENV, MaskedLinear, _CsrKernel, calibrated_choice, calibrations,
+    CALIBRATION_FRAMES, CALIBRATION_MARGIN, CALIBRATION_ROUNDS, EXECUTION_ENV, MaskedLinear, _CsrKernel, calibrated_choice, calibrations,
     set_execution, sparsity_bucket, speed_up, time_candidates,
 )
 
@@ -182,12 +182,12 @@ def test_each_key_is_calibrated_once(monkeypatch):
                           masked(20, 20, sparsity=0.96),  # another bucket
                           masked(20, 40, sparsity=0.9))  # another shape
     assert set(set_execution(model, "auto").values()) == {"csr"}
-    assert timer.calls == 3
+    assert timer.calls == 3 * len(CALIBRATION_FRAMES)  # 3 keys, each timed on the short and the long input
     with torch.no_grad():
         for module in model:
             module(torch.randn(3, module.in_features))
     set_execution(model, None)
-    assert timer.calls == 3  # forwards and re-planning reuse the decisions
+    assert timer.calls == 3 * len(CALIBRATION_FRAMES)  # forwards and re-planning reuse the decisions
     assert sorted(key[:3] for key in calibrations()) == [(20, 20, 0.9), (20, 20, 0.95), (20, 40, 0.9)]
 
 
@@ -207,7 +207,8 @@ def test_a_new_thread_count_decides_again_and_the_module_follows(monkeypatch):
     assert module.kernel_name() == "dense"
     torch.set_num_threads(1)
     assert module.kernel_name() == "csr"
-    assert calls == [1, 2]  # back at one thread: the cached decision, no new timing
+    assert calls == [1, 1, 2]  # CSR at 1 thread: short and long input; dense at 2: the short one settles it;
+    # back at one thread: the cached decision, no new timing
     x = torch.randn(5, 16)
     with torch.no_grad():
         assert torch.allclose(module(x), F.linear(x, module.weight * module.mask, module.bias), atol=1e-5)
@@ -290,3 +291,20 @@ def test_a_real_calibration_is_recorded_with_its_times():
     assert record.choice == choice in ("csr", "dense")
     assert record.dense_seconds > 0 and record.csr_seconds > 0 and record.seconds >= record.dense_seconds
     assert (record.choice == "csr") == (record.speed_up >= CALIBRATION_MARGIN) and record.speed_up > 0
+    assert record.speed_up == min(record.speed_ups) and len(record.speed_ups) == (2 if record.speed_ups[0] >= CALIBRATION_MARGIN else 1)
+
+
+def test_csr_must_also_win_on_the_long_input(monkeypatch):
+    """A kernel faster on 256 frames but slower on a batch's 2048 (the dense GEMM gains with frames) stays dense."""
+    sizes = []
+
+    def timer(runs):
+        runs["dense"]()  # what the runs multiply: the calibration's inputs, short then long
+        sizes.append(runs["csr"]().shape[0])
+        return {"dense": [2.0], "csr": [1.0]} if len(sizes) == 1 else {"dense": [1.0], "csr": [2.0]}
+
+    monkeypatch.setattr(sparse, "calibration_timer", timer)
+    assert calibrated_choice((16, 16), 0.9, torch.float32, CPU) == "dense"
+    assert sizes == list(CALIBRATION_FRAMES) == [256, 2048]
+    record = calibrations()[(16, 16, 0.9, torch.get_num_threads(), torch.float32, torch.float32, "cpu")]
+    assert record.speed_ups == (2.0, 0.5) and record.speed_up == 0.5 and record.choice == "dense"

@@ -27,8 +27,8 @@ the core count (dense GEMM scales with cores, a sparse product less well) and on
 x86-64 Linux with AVX2 and FMA, built with the system's C compiler on first use and cached): tiles of 64 frames
 x output rows over torch's OpenMP threads, each keeping its frames in registers across a row's non-zeros. On
 the project's 2-core AMD EPYC it runs about twice MKL's speed per core and keeps its speed-up over dense at 2
-threads (HuBERT Base's 72 Linears at 90% sparsity: 2.5-2.9x at 1 and at 2 threads, against 1.47x and 1.03x
-for the torch products below; docs/profiling.md). Elsewhere (another CPU, no compiler, float64 weights,
+threads (HuBERT Base's 72 Linears at 90% sparsity: 3.48x at 1 thread and 3.20x at 2, against 1.66x and 1.21x
+for the torch products below in the same rounds; docs/profiling.md). Elsewhere (another CPU, no compiler, float64 weights,
 :data:`native_spmm.DISABLE_ENV` = 0) it runs torch's products: at one intra-op thread (or for a product under
 :data:`CPU_PARALLEL_MIN_MACS` per thread) MKL's ``mkl_sparse_s_mm`` (torch's ``addmm`` on a ``sparse_csr``
 weight) over :data:`CPU_CHUNK_ROWS` frames at a time, the activations it streams staying in cache; at more
@@ -76,10 +76,14 @@ CPU_CALIBRATE_FROM = 0.5
 # auto runs CSR only if it was at least this much faster than dense in the calibration: a smaller
 # gain is within what a loaded machine's timing moves, and a wrong CSR choice costs more than a missed one.
 CALIBRATION_MARGIN = 1.05
-# Calibration input: 256 frames (5 s of audio): at fewer frames a multi-threaded dense GEMM loses more to
-# its threads' synchronisation, which overstated CSR's gain at 2 threads (768x768 at 70%, under load: 1.9x
-# at 128 frames, 1.4x at 256, 0.8x at 499). 7 rounds after one warm-up each (see speed_up).
-CALIBRATION_FRAMES = 256
+# Calibration inputs: 256 frames (5 s of audio), then, only if CSR won there, 2048 (a batch of SUPERB
+# utterances), and CSR must win at both. At fewer frames a multi-threaded dense GEMM loses more to its threads'
+# synchronisation, which overstates CSR's gain (768x768 at 70%, 2 threads, under load: 1.9x at 128 frames,
+# 1.4x at 256, 0.8x at 499); and the dense GEMM keeps gaining efficiency with frames where CSR does not (2-core
+# EPYC, 2 threads, 60% sparsity, fc1 / fc2: 1.22x / 1.15x at 256 frames, 1.06x / 0.98x at 2048, 0.99x /
+# 0.98x at 4096): calibrated on 256 frames alone, auto ran those at 0.94x of dense on 3999-frame inputs.
+# 7 rounds after one warm-up each (see speed_up).
+CALIBRATION_FRAMES = (256, 2048)
 CALIBRATION_ROUNDS = 7
 # Sparsities are bucketed in steps of 5% and each bucket is timed at its least sparse edge, so a decision
 # for CSR holds for every Linear in the bucket (they have at most as many non-zeros).
@@ -239,10 +243,11 @@ class Calibration:
     what deciding took (seconds)."""
 
     choice: str
-    speed_up: float
-    dense_seconds: float
+    speed_up: float  # the lowest over the inputs timed
+    dense_seconds: float  # on the shortest input
     csr_seconds: float
     seconds: float
+    speed_ups: tuple[float, ...] = ()  # per input timed, in CALIBRATION_FRAMES order (a dense verdict stops early)
 
 
 _CALIBRATIONS: dict[tuple, Calibration] = {}
@@ -287,17 +292,23 @@ def _calibrate(shape: tuple[int, int], sparsity: float, dtype: torch.dtype, devi
     mask = (torch.rand(shape, generator=generator) >= sparsity).to(device)
     weight.mul_(mask)
     bias = torch.randn(shape[0], generator=generator).to(device, dtype)
-    x = torch.randn(CALIBRATION_FRAMES, shape[1], generator=generator).to(device, dtype)
     with torch.no_grad():
         csr = _CsrKernel(weight, mask, bias)
         try:
-            csr(x[:1])
+            csr(torch.zeros(1, shape[1], device=device, dtype=dtype))
         except (RuntimeError, NotImplementedError):
             return Calibration("dense", 0.0, math.nan, math.inf, time.perf_counter() - started)
-        times = calibration_timer({"dense": lambda: F.linear(x, weight, bias), "csr": lambda: csr(x)})
-    gain = speed_up(times)
-    return Calibration("csr" if gain >= CALIBRATION_MARGIN else "dense", gain, statistics.median(times["dense"]),
-                       statistics.median(times["csr"]), time.perf_counter() - started)
+        gains, medians = [], []
+        for frames in CALIBRATION_FRAMES:
+            x = torch.randn(frames, shape[1], generator=generator).to(device, dtype)
+            times = calibration_timer({"dense": lambda: F.linear(x, weight, bias), "csr": lambda: csr(x)})
+            gains.append(speed_up(times))
+            medians.append((statistics.median(times["dense"]), statistics.median(times["csr"])))
+            if gains[-1] < CALIBRATION_MARGIN:
+                break
+    gain = min(gains)
+    return Calibration("csr" if gain >= CALIBRATION_MARGIN else "dense", gain, *medians[0],
+                       time.perf_counter() - started, tuple(gains))
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
