@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,8 +17,12 @@ from upstream_compressed.model import native_spmm
 from upstream_compressed.model.native_spmm import CACHE_ENV, DISABLE_ENV, PANEL_INPUTS
 from upstream_compressed.model.sparse import MaskedLinear, _CsrKernel
 
-needs_native = pytest.mark.skipif(native_spmm.unsupported_reason() is not None,
-                                  reason=f"the native kernel cannot run here: {native_spmm.unsupported_reason()}")
+def _why_not_here() -> str | None:
+    compiler = os.environ.get("CC") or "cc"
+    return native_spmm.unsupported_reason() or (None if shutil.which(compiler) else f"no C compiler {compiler!r}")
+
+
+needs_native = pytest.mark.skipif(_why_not_here() is not None, reason=f"the native kernel cannot run here: {_why_not_here()}")
 
 
 @pytest.fixture(autouse=True)
