@@ -28,7 +28,7 @@ x86-64 Linux with AVX2 and FMA, built with the system's C compiler on first use 
 x output rows over torch's OpenMP threads, each keeping its frames in registers across a row's non-zeros. On
 the project's 2-core AMD EPYC it runs about twice MKL's speed per core and keeps its speed-up over dense at 2
 threads (HuBERT Base's 72 Linears at 90% sparsity: 3.48x at 1 thread and 3.20x at 2, against 1.66x and 1.21x
-for the torch products below in the same rounds; docs/profiling.md). Elsewhere (another CPU, no compiler, float64 weights,
+for the torch products below in the same rounds; on an AVX-512 EPYC 3.52x and 3.65x; docs/profiling.md). Elsewhere (another CPU, no compiler, float64 weights,
 :data:`native_spmm.DISABLE_ENV` = 0) it runs torch's products: at one intra-op thread (or for a product under
 :data:`CPU_PARALLEL_MIN_MACS` per thread) MKL's ``mkl_sparse_s_mm`` (torch's ``addmm`` on a ``sparse_csr``
 weight) over :data:`CPU_CHUNK_ROWS` frames at a time, the activations it streams staying in cache; at more
@@ -74,8 +74,10 @@ EXECUTION_ENV = "UPSTREAM_COMPRESSED_SPARSE_EXECUTION"
 # (0.68x at 50% on the 2-core AMD EPYC at 1 thread, HuBERT Base shapes; less at more threads).
 CPU_CALIBRATE_FROM = 0.5
 # auto runs CSR only if it was at least this much faster than dense in the calibration: a smaller
-# gain is within what a loaded machine's timing moves, and a wrong CSR choice costs more than a missed one.
-CALIBRATION_MARGIN = 1.05
+# gain is within what the timing moves, and a wrong CSR choice costs more than a missed one. At 1.05, on a
+# quiet 2-core EPYC (AVX-512) at 2 threads, fc1 (3072x768) at 50% calibrated 1.01-1.22x over four repeats,
+# took CSR in one of two benchmark runs, and then ran 0.87x of dense on 3999-frame inputs (auto 0.95x in all).
+CALIBRATION_MARGIN = 1.10
 # Calibration inputs: 256 frames (5 s of audio), then, only if CSR won there, 2048 (a batch of SUPERB
 # utterances), and CSR must win at both. At fewer frames a multi-threaded dense GEMM loses more to its threads'
 # synchronisation, which overstates CSR's gain (768x768 at 70%, 2 threads, under load: 1.9x at 128 frames,
