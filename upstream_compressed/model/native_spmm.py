@@ -8,7 +8,8 @@ dense GEMM's 35-40, and neither it nor ATen's own CSR product gained from a seco
 in registers across the row's non-zeros (8 loads and 8 fused multiply-adds per non-zero, the input transposed
 once so those frames are contiguous) and splits tiles of frames x rows over the OpenMP threads torch itself
 uses: about 15 GMAC/s per core here (the dense GEMM: 45), 3.48x faster than dense at 1 thread and 3.20x at 2
-for HuBERT Base's Linears at 90% sparsity, where torch's products gave 1.66x and 1.21x in the same rounds
+for HuBERT Base's Linears at 90% sparsity, where torch's products gave 1.66x and 1.21x in the same rounds; on a
+2-core EPYC with AVX-512 (the same AVX2 build) 3.52x and 3.65x, torch's 1.91x and 1.47x
 (``benchmarks/weight_pruning.py``).
 
 It is plain C with no torch headers, so it compiles in about a second with the system's C compiler
