@@ -1,7 +1,8 @@
 """Does ``compile: true`` (torch.compile of the upstream's model) gain? Compiled against eager, CPU or CUDA.
 
 Models: HuBERT Base's shape with random weights (``common.hubert_base_shape``) and the bundled tiny HuBERT
-(``tiny_hubert``), each as the upstream runs it (``UpstreamExpert``, fp32). Workloads: one 10 s utterance,
+(``tiny_hubert``), each as the upstream runs it (``UpstreamExpert``; fp32, or ``--precision bf16|fp16``:
+eager and compiled then both run under that autocast, as the ``-g`` option ``precision:`` runs them). Workloads: one 10 s utterance,
 and a padded batch of 4 utterances of different lengths (10, 8.5, 7, 5.5 s). For each, in this order:
 
 - the first compiled call, timed alone: the compile (dynamo's trace and inductor's C++/Triton build) plus
@@ -19,7 +20,7 @@ total, with the shape and time of each call that compiled.
 The last line is one JSON object per run: ``{"models": {"base": {...}, "tiny": {...}}, "threads", ...}``.
 
     python benchmarks/compile.py [--threads N] [--rounds 5] [--models base,tiny] [--parts single_10s,batch_4,sequence]
-                                 [--device cpu|cuda] [--cache-dir DIR]
+                                 [--device cpu|cuda] [--cache-dir DIR] [--precision fp32|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -85,16 +86,16 @@ def max_valid_difference(got: dict, reference: dict) -> tuple[float, float]:
             max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs))
 
 
-def measure(name: str, rounds: int, device: torch.device, parts: list[str]) -> dict:
+def measure(name: str, rounds: int, device: torch.device, parts: list[str], precision: str = "fp32") -> dict:
     from upstream_compressed.expert import UpstreamExpert
 
     model, description = build_model(name)
     model = model.to(device)
     # One model, two upstreams: the compiled one wraps the same weights.
-    eager = UpstreamExpert(model, compile_model=False).eval()
-    compiled = UpstreamExpert(model, compile_model=True).eval()
+    eager = UpstreamExpert(model, precision=precision, compile_model=False).eval()
+    compiled = UpstreamExpert(model, precision=precision, compile_model=True).eval()
     generator = torch.Generator().manual_seed(0)
-    result: dict = {"model": description, "params": sum(p.numel() for p in model.parameters())}
+    result: dict = {"model": description, "params": sum(p.numel() for p in model.parameters()), "precision": precision}
     for workload, seconds in WORKLOADS.items():
         if workload not in parts:
             continue
@@ -141,6 +142,8 @@ def main() -> None:
                              "from an empty cache)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="inductor's cache folder (default: a fresh temporary one: cold compiles)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="run eager and compiled under this autocast, as the upstream's precision option does")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +158,7 @@ def main() -> None:
         cache = args.cache_dir or Path(fresh)
         warm = cache.is_dir() and any(cache.iterdir())
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read when inductor first compiles
-        models = {name: measure(name, args.rounds, device, parts) for name in names}
+        models = {name: measure(name, args.rounds, device, parts, args.precision) for name in names}
     print(json.dumps({"models": models, "device": str(device), "threads": torch.get_num_threads(),
                       "rounds": args.rounds, "cache": "warm" if warm else "cold", "torch": torch.__version__,
                       "load_average": [round(x, 2) for x in os.getloadavg()], **machine()}))
